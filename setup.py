@@ -1,0 +1,33 @@
+"""xclip_jax: CLIP-family image-text pre-training (CLIP, DeCLIP, nCLIP, xCLIP) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="xclip_jax",
+    version="0.1.0",
+    description="CLIP, DeCLIP, nCLIP and xCLIP pre-training on JAX device meshes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=("xclip_jax", "xclip_jax.*")),
+    python_requires=">=3.12",
+    install_requires=[
+        "jax>=0.11.2",
+        "flax>=0.12.9",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.0",
+        "tensorflow-cpu>=2.18",
+        "tensorflow-datasets>=4.9.9",
+        "importlib_resources>=6.0",   # TFDS 4.9.10 needs it to build datasets (tensorflow/datasets#11212)
+        "sentencepiece>=0.2.0",
+        "ml_collections>=1.0",
+        "clu>=0.0.12",                 # metric writers (TensorBoard event files)
+        "pillow>=10.0",                # draws the embedded demo dataset
+        "numpy>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "chex>=0.1.90"],
+        # Accelerator builds of jaxlib: pip install -e '.[cuda]' or '.[tpu]'.
+        "cuda": ["jax[cuda13]>=0.11.2"],
+        "tpu": ["jax[tpu]>=0.11.2"],
+    },
+)

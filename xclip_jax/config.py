@@ -1,0 +1,160 @@
+"""Shared config helpers: the field schema every method config starts from, variants, validation.
+
+Every config file in configs/ builds on `base_config()` so that the train loop, the data pipeline
+and the model read one schema. Fields that a method does not use still exist (with neutral values),
+which lets `--config.key=value` overrides be type-checked for every method alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+# Demo towers: small enough that a CPU step takes well under a second at batch 128.
+DEMO_IMAGE = dict(image_size=32, patch_size=4, width=128, layers=4, heads=4, mlp_ratio=4.0)
+DEMO_TEXT = dict(context_length=32, width=128, layers=4, heads=4, mlp_ratio=4.0, vocab_size=1024)
+
+
+def parse_variant(arg: str | None, *, default: str, choices: tuple[str, ...]) -> str:
+  """Returns the variant named after ':' in --config=file.py:VARIANT, checked against `choices`."""
+  variant = (arg or default).strip()
+  if variant not in choices:
+    raise ValueError(f"Unknown config variant {variant!r}; choose one of {', '.join(choices)}.")
+  return variant
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with CLIP ViT-B/32 defaults. Methods and variants change values, not keys."""
+  c = ml_collections.ConfigDict()
+  c.method = "clip"
+  c.variant = ""
+  c.seed = 0
+  c.total_steps = 10_000
+  c.batch_size = 4096          # global batch, split over the mesh's batch axes (data x fsdp)
+  c.log_every = 50
+  c.eval_every = 1000          # steps between in-loop evaluations (0: only at the end)
+  c.dry_run = False            # build everything and compile the step, then stop
+
+  # ---- model ------------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 512                  # joint image-text embedding width
+  c.model.dtype = "float32"                # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.remat = "none"                   # none | full | dots (jax.checkpoint policy per block)
+  c.model.activation = "quick_gelu"        # CLIP's QuickGELU; "gelu" for exact GELU
+  c.model.logit_scale_init = math.log(1 / 0.07)
+  c.model.logit_scale_max = 100.0          # exp(logit_scale) is clamped here in the forward pass
+  c.model.image = ml_collections.ConfigDict(
+      dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0))
+  c.model.text = ml_collections.ConfigDict(
+      dict(context_length=77, width=512, layers=12, heads=8, mlp_ratio=4.0, vocab_size=32_000,
+           causal=True))
+
+  # ---- optimiser: AdamW with CLIP's betas, linear warmup + cosine decay -------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4
+  c.optim.min_lr = 0.0
+  c.optim.warmup_steps = 2000
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.weight_decay = 0.2
+  c.optim.grad_clip_norm = 1.0             # global-norm clipping; 0 disables
+  # Parameters whose path contains one of these names get no weight decay (biases, norms, scalars).
+  c.optim.no_decay = ("bias", "scale", "logit_scale", "class_embedding")
+
+  # ---- mesh: axes (data, fsdp, tensor); -1 fills with the remaining devices ---------------------
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # ---- data: any TFDS image-text dataset ---------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "xclip_demo"               # TFDS name (optionally name:version)
+  c.data.data_dir = ""                     # "" -> TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.split = "train"
+  c.data.image_key = "image"
+  c.data.text_key = "captions/text"        # '/' walks nested features; lists get one random caption
+  c.data.shuffle_buffer = 10_000
+  c.data.crop_scale = (0.9, 1.0)           # RandomResizedCrop area range
+  c.data.flip = True
+  c.data.mean = (0.48145466, 0.4578275, 0.40821073)   # CLIP's normalisation
+  c.data.std = (0.26862954, 0.26130258, 0.27577711)
+  c.data.prefetch = 2                      # global batches kept in flight on the devices
+  c.data.num_parallel_calls = -1           # -1: tf.data AUTOTUNE
+  c.data.builtin = True                    # the name is an embedded builder prepared on first use
+
+  # ---- tokenizer (SentencePiece) -----------------------------------------------------------------
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""                    # "" -> <data_dir>/<dataset>/spm_<vocab>.model
+  c.tokenizer.train_if_missing = False     # the demo trains it on first use from the captions
+
+  # ---- evaluation in the loop -------------------------------------------------------------------
+  c.evals = ml_collections.ConfigDict()
+  c.evals.zeroshot = ml_collections.ConfigDict(dict(
+      type="zeroshot", dataset="", data_dir="", split="test", image_key="image", label_key="label",
+      templates="demo", batch_size=256, max_examples=0))
+  c.evals.zeroshot.enabled = False
+
+  # ---- checkpoints ------------------------------------------------------------------------------
+  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+  return c
+
+
+def apply_demo(c: ml_collections.ConfigDict) -> None:
+  """Tiny towers on the embedded demo dataset: minutes on a laptop CPU."""
+  c.total_steps = 600
+  c.batch_size = 128
+  c.log_every = 25
+  c.eval_every = 200
+  c.model.embed_dim = 128
+  c.model.image.update(DEMO_IMAGE)
+  c.model.text.update(DEMO_TEXT)
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 0.1
+  c.data.name = "xclip_demo"
+  c.data.builtin = True
+  c.data.shuffle_buffer = 4096
+  c.data.crop_scale = (0.8, 1.0)
+  c.tokenizer.train_if_missing = True
+  c.evals.zeroshot.enabled = True
+  c.evals.zeroshot.dataset = "xclip_demo"
+  c.evals.zeroshot.templates = "demo"
+  c.checkpoint.every = 200
+  c.checkpoint.keep = 2
+
+
+def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
+  """CLIP's published ViT recipe shape; the dataset must be prepared by the user."""
+  c.model.image.update(dict(image_size=224, patch_size=patch_size, width=768, layers=12, heads=12))
+  c.model.text.update(dict(context_length=77, width=512, layers=12, heads=8))
+  c.model.dtype = "bfloat16"
+  c.total_steps = 100_000
+  c.batch_size = 32_768
+  c.data.name = "laion400m"        # a placeholder name users replace; see README 'Your own data'
+  c.data.builtin = False
+  c.data.text_key = "caption"
+  c.data.crop_scale = (0.9, 1.0)
+  c.evals.zeroshot.enabled = False
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks that fail fast, before any compilation, with a message saying what to change."""
+  from xclip_jax.objectives import registry  # local: keeps config import light
+
+  if c.method not in registry.METHODS:
+    raise ValueError(f"config.method={c.method!r} is not one of {sorted(registry.METHODS)}.")
+  for tower in ("image", "text"):
+    t = c.model[tower]
+    if t.width % t.heads:
+      raise ValueError(f"config.model.{tower}.width={t.width} is not divisible by heads={t.heads}.")
+  if c.model.image.image_size % c.model.image.patch_size:
+    raise ValueError("config.model.image.image_size must be a multiple of patch_size.")
+  if c.model.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.model.dtype={c.model.dtype!r}: use float32 or bfloat16.")
+  if c.model.remat not in ("none", "full", "dots"):
+    raise ValueError(f"config.model.remat={c.model.remat!r}: use none, full or dots.")
+  if c.total_steps <= 0 or c.batch_size <= 0:
+    raise ValueError("config.total_steps and config.batch_size must be positive.")
+  if c.optim.warmup_steps >= c.total_steps:
+    raise ValueError(f"config.optim.warmup_steps={c.optim.warmup_steps} must be below "
+                     f"config.total_steps={c.total_steps}.")
