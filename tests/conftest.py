@@ -13,9 +13,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests that take more than ~20 s")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+  """A TFDS data_dir holding the embedded demo dataset, built once per test session (~20 s).
+
+  Set XCLIP_TEST_DATA_DIR=<data_dir> to reuse a prepared one (e.g. the demo run's).
+  """
+  from xclip_jax.data import pipeline
+  data_dir = os.environ.get("XCLIP_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+  pipeline.prepare_dataset("xclip_demo", data_dir, builtin=True)
+  return data_dir

@@ -115,6 +115,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.data.builtin = True
   c.data.shuffle_buffer = 4096
   c.data.crop_scale = (0.8, 1.0)
+  c.data.flip = False              # captions say "left"/"right": a flip would make them wrong
   c.tokenizer.train_if_missing = True
   c.evals.zeroshot.enabled = True
   c.evals.zeroshot.dataset = "xclip_demo"

@@ -1,0 +1,276 @@
+"""Data: the embedded demo dataset, image ops, caption sampling, train/eval pipelines, global batches.
+
+The demo dataset comes from conftest's session fixture `demo_dir`.
+"""
+
+import hashlib
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from xclip_jax import config as cfglib
+from xclip_jax.data import image as image_lib
+from xclip_jax.data import pipeline
+from xclip_jax.data import tokenizer as toklib
+from xclip_jax.data.builders import xclip_demo as demo
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(scope="session")
+def demo_config(demo_dir):
+  c = cfglib.base_config()
+  cfglib.apply_demo(c)
+  c.data.data_dir = demo_dir
+  c.data.split = "train[:512]"
+  c.data.shuffle_buffer = 256
+  return c
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_config, tmp_path_factory):
+  c = ml_collections.ConfigDict(demo_config.to_dict())
+  c.tokenizer.path = str(tmp_path_factory.mktemp("spm") / "demo.model")
+  return toklib.resolve_tokenizer(c, process_index=0)   # train_if_missing (demo config)
+
+
+def _read(data_dir, split, n):
+  ds = tfds.builder("xclip_demo", data_dir=data_dir).as_dataset(
+      split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  return list(ds.take(n).as_numpy_iterator())
+
+
+# ---- the demo dataset -------------------------------------------------------------------------
+
+def test_demo_splits_and_label_names(demo_dir):
+  info = tfds.builder("xclip_demo", data_dir=demo_dir).info
+  assert info.version == "1.0.0"
+  assert info.splits["train"].num_examples == demo.NUM_TRAIN == 10_000
+  assert info.splits["test"].num_examples == demo.NUM_TEST == 1_000
+  names = info.features["label"].names
+  assert len(names) == 64 and names[0] == "red circle" and "blue star" in names
+  colors, shapes = info.features["color"].names, info.features["shape"].names
+  assert names == [f"{c} {s}" for c in colors for s in shapes]
+  assert info.supervised_keys == ("image", "label")
+
+
+def test_demo_build_is_deterministic(tmp_path, monkeypatch):
+  monkeypatch.setattr(demo, "NUM_TRAIN", 24)
+  monkeypatch.setattr(demo, "NUM_TEST", 8)
+  builds = []
+  for name in ("a", "b"):
+    builder = tfds.builder("xclip_demo", data_dir=str(tmp_path / name))
+    builder.download_and_prepare()
+    builds.append(_read(str(tmp_path / name), "train", 24))
+  assert len(builds[0]) == 24
+  for x, y in zip(*builds):
+    assert x["image"] == y["image"] and list(x["captions"]["text"]) == list(y["captions"]["text"])
+    assert x["label"] == y["label"]
+
+
+def test_test_split_is_held_out():
+  train = {demo.generate_example(demo.TRAIN_SEED, i)["image"] for i in range(20)}
+  test = {demo.generate_example(demo.TEST_SEED, i)["image"] for i in range(20)}
+  assert not train & test
+
+
+def test_captions_name_the_labelled_colour_and_shape(demo_dir):
+  examples = _read(demo_dir, "test", 300)
+  all_captions = []
+  for ex in examples:
+    captions = [c.decode() for c in ex["captions"]["text"]]
+    assert len(captions) == 3 == len(set(captions))
+    assert ex["label"] == ex["color"] * 8 + ex["shape"]
+    color, shape = demo.COLORS[ex["color"]], demo.SHAPES[ex["shape"]]
+    for caption in captions:
+      assert any(re.search(rf"\b{w}\b", caption) for w in demo.COLOR_WORDS[color]), caption
+      assert any(re.search(rf"\b{w}\b", caption) for w in demo.SHAPE_WORDS[shape]), caption
+    all_captions += captions
+  assert len(set(all_captions)) > 800                           # wording varies a lot
+  words = set(" ".join(all_captions).split())
+  assert {"crimson", "scarlet", "disk", "donut", "left", "background"} <= words
+  lengths = {len(c.split()) for c in all_captions}
+  assert min(lengths) <= 3 and max(lengths) >= 10              # optional attributes come and go
+
+
+def test_demo_images_are_64px_rgb(demo_dir):
+  ex = _read(demo_dir, "train", 1)[0]
+  image = image_lib.decode(ex["image"]).numpy()
+  assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 5
+
+
+# ---- image ops --------------------------------------------------------------------------------
+
+def test_random_resized_crop_shape_and_normalised_range():
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (64, 48, 3)), tf.uint8)
+  crops = [image_lib.random_resized_crop(image, 32, tf.constant([i, 7]), scale=(0.3, 1.0))
+           for i in range(8)]
+  assert all(c.shape == (32, 32, 3) and c.dtype == tf.float32 for c in crops)
+  assert len({hashlib.md5(c.numpy().tobytes()).hexdigest() for c in crops}) > 4   # random boxes
+  out = image_lib.normalize(crops[0], MEAN, STD).numpy()
+  lo, hi = (0 - np.array(MEAN)) / STD, (1 - np.array(MEAN)) / STD
+  assert (out >= lo - 1e-4).all() and (out <= hi + 1e-4).all()
+  white = image_lib.normalize(tf.fill([2, 2, 3], 255), MEAN, STD).numpy()
+  np.testing.assert_allclose(white[0, 0], hi, rtol=1e-5)
+
+
+def test_full_scale_crop_is_the_whole_image():
+  image = tf.constant(np.random.default_rng(1).integers(0, 256, (32, 32, 3)), tf.uint8)
+  out = image_lib.random_resized_crop(image, 32, tf.constant([3, 4]), scale=(1.0, 1.0))
+  np.testing.assert_allclose(out.numpy(), image.numpy().astype(np.float32), atol=1e-3)
+
+
+def test_flip_actually_flips():
+  image = tf.constant(np.arange(4 * 5 * 3).reshape(4, 5, 3), tf.float32)
+  flipped = 0
+  for i in range(20):
+    out = image_lib.random_flip(image, tf.constant([i, 0])).numpy()
+    if np.array_equal(out, image.numpy()[:, ::-1]):
+      flipped += 1
+    else:
+      np.testing.assert_array_equal(out, image.numpy())
+  assert 3 <= flipped <= 17
+
+
+def test_eval_transform_resizes_shorter_side_then_centre_crops():
+  png = tf.io.encode_png(tf.zeros([40, 80, 3], tf.uint8))
+  out = image_lib.eval_transform(png, size=32, mean=MEAN, std=STD)
+  assert out.shape == (32, 32, 3)
+  np.testing.assert_allclose(out.numpy()[0, 0], -np.array(MEAN) / STD, rtol=1e-5)
+
+
+# ---- caption sampling -------------------------------------------------------------------------
+
+def test_get_field_samples_each_caption_of_a_list():
+  example = {"captions": {"text": tf.constant(["a", "b", "c"])}, "label": tf.constant(5)}
+  picks = [pipeline.get_field(example, "captions/text", tf.constant([i, 1])).numpy()
+           for i in range(300)]
+  counts = {p: picks.count(p) for p in set(picks)}
+  assert set(counts) == {b"a", b"b", b"c"} and min(counts.values()) > 60
+  again = pipeline.get_field(example, "captions/text", tf.constant([5, 1])).numpy()
+  assert again == picks[5]                                    # stateless: same seed, same pick
+  assert pipeline.get_field(example, "label").numpy() == 5     # scalars pass through
+  empty = {"captions": {"text": tf.constant([], tf.string)}}
+  assert pipeline.get_field(empty, "captions/text", tf.constant([0, 0])).numpy() == b""
+  with pytest.raises(KeyError, match="caption"):
+    pipeline.get_field(example, "caption")
+
+
+# ---- pipelines --------------------------------------------------------------------------------
+
+def test_train_dataset_shapes_and_determinism(demo_config, demo_tokenizer):
+  assert demo_tokenizer.vocab_size <= demo_config.model.text.vocab_size
+  make = lambda: pipeline.make_train_dataset(   # noqa: E731
+      demo_config, demo_tokenizer, process_index=0, process_count=1, host_batch_size=32)
+  batch = next(make().as_numpy_iterator())
+  assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["text"].shape == (32, demo_config.model.text.context_length)
+  assert batch["text"].dtype == np.int32
+  assert ((batch["text"] == toklib.EOS_ID).sum(1) == 1).all()
+  assert -2.0 < batch["image"].min() < batch["image"].max() < 2.2
+  again = next(make().as_numpy_iterator())
+  np.testing.assert_array_equal(batch["image"], again["image"])
+  np.testing.assert_array_equal(batch["text"], again["text"])
+
+
+def test_process_slices_are_disjoint(demo_config, demo_tokenizer):
+  c = ml_collections.ConfigDict(demo_config.to_dict())
+  c.data.crop_scale, c.data.flip = (1.0, 1.0), False   # identity augmentation: images identify examples
+  seen = []
+  for process_index in range(2):
+    ds = pipeline.make_train_dataset(c, demo_tokenizer, process_index=process_index,
+                                     process_count=2, host_batch_size=64)
+    hashes = set()
+    for batch in ds.take(4).as_numpy_iterator():
+      hashes |= {hashlib.md5(x.tobytes()).hexdigest() for x in batch["image"]}
+    seen.append(hashes)
+  assert len(seen[0]) > 150 and len(seen[1]) > 150
+  assert not seen[0] & seen[1]
+
+
+def test_eval_dataset_pads_to_the_same_number_of_batches(demo_config):
+  eval_cfg = ml_collections.ConfigDict(demo_config.evals.zeroshot.to_dict())
+  eval_cfg.max_examples = 101
+  total, lengths = 0, []
+  for process_index in range(3):
+    ds = pipeline.make_eval_dataset(eval_cfg, demo_config, process_index=process_index,
+                                    process_count=3, host_batch_size=16)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == len(ds) == 3          # ceil(34 / 16) on every process
+    lengths.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (16, 32, 32, 3) and b["label"].dtype == np.int32
+      assert (b["image"][~b["mask"]] == 0).all()
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks[:masks.sum()].all()             # real examples first, padding after
+    total += int(masks.sum())
+  assert total == 101 and len(set(lengths)) == 1
+  # The whole split, one process: 1000 examples in 4 batches of 256, the last one 232 real.
+  ds = pipeline.make_classification_dataset(
+      "xclip_demo", split="test", host_batch_size=256, image_size=32, mean=MEAN, std=STD,
+      process_index=0, process_count=1, data_dir=demo_config.data.data_dir)
+  masks = [b["mask"].sum() for b in ds.as_numpy_iterator()]
+  assert masks == [256, 256, 256, 232]
+  assert pipeline.class_names("xclip_demo", demo_config.data.data_dir)[:2] == [
+      "red circle", "red square"]
+
+
+def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
+  with pytest.raises(FileNotFoundError, match="tfds build coco_captions"):
+    pipeline.prepare_dataset("coco_captions", str(tmp_path), builtin=False)
+  with pytest.raises(FileNotFoundError, match="--config.data.name"):
+    pipeline.prepare_dataset("my_own_pairs", str(tmp_path), builtin=False)
+
+
+# ---- global batches ---------------------------------------------------------------------------
+
+def _mesh_sharding():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def test_global_batch_iterator_shards_over_the_batch_axis():
+  sharding = _mesh_sharding()
+  host = [{"image": np.full((16, 4, 4, 3), i, np.float32), "text": np.full((16, 8), i, np.int32)}
+          for i in range(5)]
+  with pipeline.GlobalBatchIterator(host, sharding, prefetch=2) as it:
+    batches = list(it)
+  assert len(batches) == 5
+  for i, batch in enumerate(batches):
+    assert batch["image"].shape == (16, 4, 4, 3) and batch["text"].shape == (16, 8)
+    assert batch["image"].sharding == sharding
+    assert {s.data.shape for s in batch["image"].addressable_shards} == {(2, 4, 4, 3)}
+    assert len(batch["text"].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(batch["text"]), host[i]["text"])
+  # A tf.data dataset (the train pipeline's type) is read through as_numpy_iterator().
+  ds = tf.data.Dataset.from_tensors({"mask": tf.ones([16], tf.bool)}).repeat(3)
+  with pipeline.GlobalBatchIterator(ds, {"mask": sharding}) as it:   # a pytree of shardings
+    assert [b["mask"].shape for b in it] == [(16,)] * 3
+
+
+def test_global_batch_iterator_propagates_errors_and_closes():
+  def broken():
+    yield {"x": np.zeros((8, 2), np.float32)}
+    raise ValueError("bad record")
+
+  it = pipeline.GlobalBatchIterator(broken(), _mesh_sharding())
+  assert next(it)["x"].shape == (8, 2)
+  with pytest.raises(ValueError, match="bad record"):
+    next(it)
+  with pytest.raises(StopIteration):
+    next(it)
+  it.close()
+
+  def endless():
+    while True:
+      yield {"x": np.zeros((8, 2), np.float32)}
+
+  it = pipeline.GlobalBatchIterator(endless(), _mesh_sharding(), prefetch=1)
+  next(it)
+  it.close()
+  assert not it._thread.is_alive()

@@ -1,0 +1,88 @@
+"""Image ops for tf.data: decode, CLIP's train augmentation, the eval transform, normalisation.
+
+Pure functions of tf.Tensors. Random ops are *stateless*: each takes a `seed` (int tensor [2]), so
+a pipeline that derives per-example seeds from (config.seed, example counter) is reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+# torchvision RandomResizedCrop's defaults.
+DEFAULT_SCALE = (0.08, 1.0)
+DEFAULT_RATIO = (3 / 4, 4 / 3)
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3] (grey is expanded, alpha dropped)."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor,
+                        scale: Sequence[float] = DEFAULT_SCALE,
+                        ratio: Sequence[float] = DEFAULT_RATIO) -> tf.Tensor:
+  """A crop covering `scale` of the area with aspect ratio in `ratio`, resized to float32 [size, size, 3].
+
+  Like torchvision's RandomResizedCrop: up to 10 attempts to sample a box that fits, falling back
+  to the whole image. Values stay in the input's range (0..255 for uint8 input).
+  """
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4], tf.float32), seed=seed,
+      min_object_covered=0.0, aspect_ratio_range=tuple(ratio), area_range=tuple(scale),
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, crop_size)
+  # antialias: the crop is usually downscaled (64px demo source -> 32px, 256+ -> 224).
+  resized = tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
+  resized.set_shape([size, size, 3])
+  return resized
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Mirrors left-right with probability 1/2."""
+  return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """0..255 pixels -> (x / 255 - mean) / std, float32; mean/std are per channel in [0, 1] units."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def train_transform(encoded: tf.Tensor, seed: tf.Tensor, *, size: int,
+                    scale: Sequence[float], flip: bool, mean: Sequence[float],
+                    std: Sequence[float]) -> tf.Tensor:
+  """Decode -> random resized crop -> optional flip -> normalise: float32 [size, size, 3]."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = random_resized_crop(decode(encoded), size, crop_seed, scale=scale)
+  if flip:
+    image = random_flip(image, flip_seed)
+  return normalize(image, mean, std)
+
+
+def resize_shorter_side(image: tf.Tensor, shorter: int) -> tf.Tensor:
+  """Resizes keeping the aspect ratio so that min(H, W) == shorter; float32 output."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  factor = tf.cast(shorter, tf.float32) / tf.reduce_min(shape)
+  new_hw = tf.cast(tf.math.round(shape * factor), tf.int32)
+  new_hw = tf.maximum(new_hw, shorter)   # rounding must never leave a side below `shorter`
+  return tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+
+
+def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The size x size window in the middle of an image at least that large."""
+  hw = tf.shape(image)[:2]
+  top, left = (hw[0] - size) // 2, (hw[1] - size) // 2
+  crop = tf.slice(image, [top, left, 0], [size, size, -1])
+  crop.set_shape([size, size, image.shape[-1]])
+  return crop
+
+
+def eval_transform(encoded: tf.Tensor, *, size: int, mean: Sequence[float],
+                   std: Sequence[float], resize_ratio: float = 256 / 224) -> tf.Tensor:
+  """CLIP's eval preprocessing: shorter side to size*256/224, central crop, normalise."""
+  image = resize_shorter_side(decode(encoded), int(round(size * resize_ratio)))
+  return normalize(central_crop(image, size), mean, std)

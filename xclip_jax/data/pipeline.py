@@ -1,0 +1,339 @@
+"""Input pipelines: TFDS -> tf.data (this process's slice) -> numpy host batch -> global jax.Array.
+
+The train pipeline keeps images encoded through the shuffle buffer (small buffer memory), decodes
+and augments in a parallel map, batches, then tokenizes the batched caption strings with
+SentencePiece in one `tf.numpy_function` call. Every random choice (file order, shuffle, crop,
+flip, which caption) is derived from config.seed folded with the process index, so a run is
+reproducible and processes read disjoint slices with different randomness.
+
+TensorFlow is told to keep off GPUs at import: JAX owns the accelerators.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from xclip_jax.data import image as image_lib
+
+try:   # TF must never allocate GPU memory that JAX needs; harmless on CPU-only machines.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:   # TF's devices were already initialised by someone else: nothing to do.
+  pass
+
+# Names served by our embedded builders (xclip_jax/data/builders): prepared on first use.
+EMBEDDED_DATASETS = ("xclip_demo",)
+
+
+# ---- datasets ---------------------------------------------------------------------------------
+
+def _base_name(name: str) -> str:
+  return name.split(":")[0].split("/")[0]
+
+
+def _not_prepared_message(name: str, data_dir: str) -> str:
+  where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  return (
+      f"TFDS dataset {name!r} is not prepared in data_dir={where!r}. Either\n"
+      f"  * prepare it there:  tfds build {_base_name(name)} --data_dir={where}\n"
+      "    (manual datasets such as laion400m also need --manual_dir=...), or\n"
+      "  * convert your own image-text pairs with "
+      "tfds.dataset_builders.store_as_tfds_dataset(...) (see README 'Your own data'), or\n"
+      "  * point the config at a prepared dataset: --config.data.name=NAME "
+      "--config.data.data_dir=DIR (and --config.data.text_key / image_key if they differ).")
+
+
+def check_prepared(builder: tfds.core.DatasetBuilder, name: str, data_dir: str | None) -> None:
+  """Raises FileNotFoundError (with how to fix it) unless `builder` has its data on disk."""
+  if not builder.is_prepared():
+    raise FileNotFoundError(_not_prepared_message(name, data_dir or ""))
+
+
+def prepare_dataset(name: str, data_dir: str | None = "", builtin: bool | None = None
+                    ) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `name`, with its data on disk.
+
+  Embedded datasets (`builtin`, or None = "if the name is one of EMBEDDED_DATASETS") are generated
+  on first use and reused afterwards. Any other dataset must already be prepared: this fails fast,
+  before any compilation, with a message saying how to prepare it or where to point the config.
+  """
+  import xclip_jax.data.builders  # noqa: F401,PLC0415  (registers the embedded builders)
+
+  if builtin is None:
+    builtin = _base_name(name) in EMBEDDED_DATASETS
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.DatasetNotFoundError as e:
+    raise FileNotFoundError(_not_prepared_message(name, data_dir)) from e
+  if not builtin:
+    check_prepared(builder, name, data_dir)
+    return builder
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare()
+    except Exception:  # noqa: BLE001
+      # Another process sharing data_dir finished first (its rename won); fine if data is there.
+      builder = tfds.builder(name, data_dir=data_dir or None)
+      if not builder.is_prepared():
+        raise
+  return builder
+
+
+def class_names(name: str, data_dir: str | None = "", label_key: str = "label") -> list[str]:
+  """Names of a prepared dataset's ClassLabel feature (for zero-shot prompts)."""
+  feature = prepare_dataset(name, data_dir).info.features
+  for part in label_key.split("/"):
+    feature = feature[part]
+  return list(feature.names)
+
+
+# ---- features ---------------------------------------------------------------------------------
+
+def get_field(example: dict, path: str, seed: tf.Tensor | None = None) -> tf.Tensor:
+  """example["a"]["b"] for path "a/b". A list-valued field (rank >= 1, e.g. several captions)
+  yields ONE element drawn uniformly (stateless under `seed`); an empty list yields ""."""
+  value = example
+  for part in path.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise KeyError(f"Feature path {path!r}: no {part!r} among {keys}.")
+    value = value[part]
+  if value.shape.rank == 0:
+    return value
+  value = tf.reshape(value, [-1])
+  count = tf.shape(value)[0]
+  if seed is None:
+    index = tf.random.uniform([], 0, tf.maximum(count, 1), tf.int32)
+  else:
+    index = tf.random.stateless_uniform([], seed, 0, tf.maximum(count, 1), tf.int32)
+  # Appending a default makes the empty case index 0 -> "" without a branch.
+  return tf.concat([value, tf.zeros([1], value.dtype)], 0)[index]
+
+
+def get_numpy_field(example: dict, path: str) -> Any:
+  """example["a"]["b"] for path "a/b" on numpy examples (no sampling)."""
+  for part in path.split("/"):
+    example = example[part]
+  return example
+
+
+def _skip_decoding(image_key: str) -> dict:
+  decoders: Any = tfds.decode.SkipDecoding()
+  for part in reversed(image_key.split("/")):
+    decoders = {part: decoders}
+  return decoders
+
+
+def _tf_data_options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True                       # same seed -> same batches
+  options.threading.private_threadpool_size = max(8, os.cpu_count() or 1)
+  options.threading.max_intra_op_parallelism = 1     # parallelism comes from the maps, not ops
+  return options
+
+
+def process_seed(seed: int, process_index: int) -> int:
+  """A 31-bit seed for this process: different per process, fixed per (seed, process)."""
+  return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0] >> 1)
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+def make_train_dataset(config, tokenizer, *, process_index: int, process_count: int,
+                       host_batch_size: int, seed: int | None = None) -> tf.data.Dataset:
+  """Endless batches {"image": float32 [b, S, S, 3], "text": int32 [b, L]} from this process's slice.
+
+  `seed` (default config.seed) fixes every random choice; a resumed run may pass a new one
+  (e.g. config.seed + step) so that it does not replay the batches it already trained on.
+  """
+  d = config.data
+  size = config.model.image.image_size
+  context_length = config.model.text.context_length
+  builder = prepare_dataset(d.name, d.data_dir, d.builtin)
+  seed = process_seed(config.seed if seed is None else seed, process_index)
+  split = tfds.even_splits(d.split, n=process_count, drop_remainder=False)[process_index]
+  read_config = tfds.ReadConfig(shuffle_seed=seed, options=_tf_data_options())
+  ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config,
+                          decoders=_skip_decoding(d.image_key))
+  # Shuffle encoded records (a few KB each), then decode: the buffer stays small.
+  ds = ds.repeat().shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  parallel = tf.data.AUTOTUNE if d.num_parallel_calls < 0 else d.num_parallel_calls
+  base_seed = tf.constant(seed, tf.int64)
+
+  def preprocess(index, example):
+    # Per-example stateless seed from (process seed, position in the stream): reproducible.
+    image_seed, text_seed = tf.unstack(tf.random.experimental.stateless_split(
+        tf.stack([base_seed, index]), 2))
+    image_bytes = get_numpy_field(example, d.image_key)
+    image = image_lib.train_transform(image_bytes, image_seed, size=size, scale=tuple(d.crop_scale),
+                                      flip=d.flip, mean=tuple(d.mean), std=tuple(d.std))
+    return {"image": image, "text": get_field(example, d.text_key, text_seed)}
+
+  ds = ds.enumerate().map(preprocess, num_parallel_calls=parallel)
+  ds = ds.batch(host_batch_size, drop_remainder=True)
+
+  def tokenize(texts: np.ndarray) -> np.ndarray:
+    return tokenizer.encode([t.decode("utf-8") for t in texts.tolist()], context_length)
+
+  def tokenize_batch(batch):
+    tokens = tf.numpy_function(tokenize, [batch["text"]], tf.int32, stateful=False)
+    tokens.set_shape([host_batch_size, context_length])
+    return {"image": batch["image"], "text": tokens}
+
+  ds = ds.map(tokenize_batch, num_parallel_calls=parallel)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_data_options())
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+def make_eval_dataset(eval_cfg, config, *, process_index: int, process_count: int,
+                      host_batch_size: int) -> tf.data.Dataset:
+  """`make_classification_dataset` for an entry of config.evals (e.g. config.evals.zeroshot).
+
+  Reads eval_cfg.{dataset, data_dir (falls back to config.data.data_dir), split, image_key,
+  label_key, max_examples}; image size and normalisation come from the model/train config.
+  """
+  builtin = None   # embedded datasets (by name) are prepared on first use
+  if eval_cfg.dataset == config.data.name:
+    builtin = config.data.builtin
+  return make_classification_dataset(
+      eval_cfg.dataset, split=eval_cfg.split, host_batch_size=host_batch_size,
+      image_size=config.model.image.image_size, mean=config.data.mean, std=config.data.std,
+      process_index=process_index, process_count=process_count,
+      data_dir=eval_cfg.data_dir or config.data.data_dir, builtin=builtin,
+      image_key=eval_cfg.image_key, label_key=eval_cfg.label_key,
+      max_examples=eval_cfg.max_examples)
+
+
+def make_classification_dataset(name: str, *, split: str, host_batch_size: int, image_size: int,
+                                mean, std, process_index: int, process_count: int,
+                                data_dir: str | None = "", builtin: bool | None = None,
+                                image_key: str = "image", label_key: str = "label",
+                                max_examples: int = 0) -> tf.data.Dataset:
+  """One pass over `split` in fixed-size batches {"image", "label" int32, "mask" bool}.
+
+  The last partial batch is padded (mask False), and processes with fewer examples append fully
+  masked batches, so every process yields the same number of batches (len(ds)) — required when
+  each batch becomes one global array. Sum of all masks == number of examples in the split.
+  """
+  builder = prepare_dataset(name, data_dir, builtin)
+  if max_examples:
+    if "[" in split or "+" in split:
+      raise ValueError(f"max_examples needs a plain split name, not {split!r}; slice instead.")
+    split = f"{split}[:{max_examples}]"
+  process_splits = tfds.even_splits(split, n=process_count, drop_remainder=False)
+  counts = [builder.info.splits[s].num_examples for s in process_splits]
+  num_batches = max(1, math.ceil(max(counts) / host_batch_size))
+  pad = num_batches * host_batch_size - counts[process_index]
+
+  ds = builder.as_dataset(split=process_splits[process_index], shuffle_files=False,
+                          decoders=_skip_decoding(image_key),
+                          read_config=tfds.ReadConfig(options=_tf_data_options()))
+
+  def preprocess(example):
+    image = image_lib.eval_transform(get_numpy_field(example, image_key), size=image_size,
+                                     mean=tuple(mean), std=tuple(std))
+    label = tf.cast(get_field(example, label_key), tf.int32)
+    return {"image": image, "label": label, "mask": tf.constant(True)}
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([image_size, image_size, 3], tf.float32),
+      "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}).repeat(pad)
+  ds = ds.concatenate(padding).batch(host_batch_size, drop_remainder=True)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_data_options())
+
+
+# ---- host batches -> global arrays ------------------------------------------------------------
+
+class _Raised:
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+_END = object()
+
+
+class GlobalBatchIterator:
+  """Iterates host batches (numpy dicts) as global jax.Arrays, `prefetch` batches ahead.
+
+  A background thread pulls the next host batch and places it on this process's devices with
+  `jax.make_array_from_process_local_data`, so the train step does not wait for input as long as
+  the host keeps up. `sharding` is one Sharding for every leaf (e.g. NamedSharding(mesh,
+  P(("data", "fsdp")))) or a pytree of them matching the batch. Exceptions raised while producing
+  re-raise in the consumer; `close()` (or `with`) stops the thread.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset | Iterable[dict], sharding, prefetch: int = 2):
+    self._source = (dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset)
+                    else iter(dataset))
+    self._sharding = sharding
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    self._stop = threading.Event()
+    self._done = False
+    self._thread = threading.Thread(target=self._produce, name="GlobalBatchIterator", daemon=True)
+    self._thread.start()
+
+  def _to_global(self, host_batch):
+    put = jax.make_array_from_process_local_data
+    if isinstance(self._sharding, jax.sharding.Sharding):
+      return jax.tree.map(lambda x: put(self._sharding, x), host_batch)
+    return jax.tree.map(lambda s, x: put(s, x), self._sharding, host_batch)
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self) -> None:
+    try:
+      for host_batch in self._source:
+        if self._stop.is_set() or not self._put(self._to_global(host_batch)):
+          return
+      self._put(_END)
+    except BaseException as e:  # noqa: BLE001  (handed to the consumer thread)
+      self._put(_Raised(e))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._done:
+      raise StopIteration
+    item = self._queue.get()
+    if item is _END or isinstance(item, _Raised):
+      self._done = True
+      if isinstance(item, _Raised):
+        raise item.error
+      raise StopIteration
+    return item
+
+  def close(self, timeout: float = 10.0) -> None:
+    """Stops the producer thread and drops batches still in flight."""
+    self._stop.set()
+    self._done = True
+    while True:   # free the queue so a producer blocked in put() notices the stop
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
