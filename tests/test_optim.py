@@ -11,7 +11,8 @@ from xclip_jax import optim
 def _params():
   return {
       "image": {"blocks": {"ln_1": {"scale": jnp.ones((2, 4)), "bias": jnp.zeros((2, 4))},
-                           "mlp": {"kernel": jnp.ones((2, 4, 8)), "bias": jnp.zeros((2, 8))}},
+                           "mlp": {"kernel": jnp.ones((2, 4, 8)), "bias": jnp.zeros((2, 8))},
+                           "attn": {"qkv_kernel": jnp.ones((2, 4, 3)), "qkv_bias": jnp.ones((2, 3))}},
                 "class_embedding": jnp.ones((4,)), "pos_embedding": jnp.ones((5, 4))},
       "text": {"token_embedding": {"embedding": jnp.ones((10, 4))}},
       "logit_scale": jnp.float32(2.6),
@@ -27,6 +28,8 @@ def test_decay_mask_excludes_biases_norms_and_scalars_by_name():
   assert mask["image"]["blocks"]["ln_1"]["scale"] is False
   assert mask["image"]["blocks"]["ln_1"]["bias"] is False
   assert mask["image"]["blocks"]["mlp"]["bias"] is False
+  assert mask["image"]["blocks"]["attn"]["qkv_bias"] is False
+  assert mask["image"]["blocks"]["attn"]["qkv_kernel"] is True
   assert mask["image"]["class_embedding"] is False
   assert mask["logit_scale"] is False
 

@@ -23,12 +23,16 @@ def _path_names(path) -> tuple[str, ...]:
 def weight_decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   """True where weight decay applies: every parameter except those whose path names a no-decay key.
 
+  With no_decay=("bias", "scale", ...), 'qkv_bias' and 'logit_scale' are excluded too.
+
   Names, not ndim, decide: scanned layers stack LayerNorm scales into 2-D arrays, so CLIP's usual
   `ndim < 2` rule would decay them.
   """
-  no_decay = set(no_decay)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not (set(_path_names(path)) & no_decay), params)
+  def decays(path) -> bool:
+    # A name matches a key equal to it or ending in '_<name>' (e.g. 'qkv_bias' for 'bias').
+    return not any(key == name or key.endswith("_" + name)
+                   for key in _path_names(path) for name in no_decay)
+  return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> tuple[optax.GradientTransformation,
