@@ -21,6 +21,7 @@ setup(
         "sentencepiece>=0.2.0",
         "ml_collections>=1.0",
         "clu>=0.0.12",                 # metric writers (TensorBoard event files)
+        "tensorboard>=2.16",           # clu's summary writer needs it
         "pillow>=10.0",                # draws the embedded demo dataset
         "numpy>=2.0",
     ],

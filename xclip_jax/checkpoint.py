@@ -1,0 +1,97 @@
+"""Checkpoints through Orbax's CheckpointManager, and `load_params` for notebooks.
+
+Layout under the workdir:
+  checkpoints/<step>/state    the train state as a pure pytree (step, params, opt_state, ...)
+  checkpoints/<step>/config   the run's config as JSON
+Orbax writes each step into a temporary directory and renames it when complete, so a crash during
+an (asynchronous) save never leaves a step that `latest_step()` would pick up half-written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE, CONFIG = "state", "config"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """A thin wrapper that fixes the item names and the save policy of one run."""
+
+  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=(STATE, CONFIG))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict, *,
+           force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether a save started."""
+    return self._manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        CONFIG: ocp.args.JsonSave(config.to_dict())}), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state)}))
+    return restored[STATE]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _resolve_step(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}.")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+                            f"available: {sorted(steps)}.")
+  return step
+
+
+def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """The model parameters of a checkpoint as nested dicts of numpy arrays. No mesh needed.
+
+  Reads only the `params` subtree (optimizer moments are skipped), onto the host.
+  """
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = _resolve_step(manager, workdir, step)
+  path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  target = {"params": tree["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  return restored["params"]
+
+
+def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a checkpoint was trained with."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = _resolve_step(manager, workdir, step)
+  restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+  return ml_collections.ConfigDict(restored[CONFIG])

@@ -1,0 +1,33 @@
+"""Builds the evaluators a config asks for (`config.evals.<name>`) and runs them on a train state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from absl import logging
+
+from xclip_jax.evaluate import zeroshot
+
+EVALUATOR_TYPES = {"zeroshot": zeroshot.ZeroShotEvaluator}
+
+
+def build_evaluators(config, tokenizer, mesh: jax.sharding.Mesh, graphdef: Any) -> list[Any]:
+  evaluators = []
+  for name, eval_cfg in config.evals.items():
+    if not eval_cfg.get("enabled", True):
+      continue
+    if eval_cfg.type not in EVALUATOR_TYPES:
+      raise ValueError(f"config.evals.{name}.type={eval_cfg.type!r} is not one of "
+                       f"{sorted(EVALUATOR_TYPES)}.")
+    evaluators.append(EVALUATOR_TYPES[eval_cfg.type](name, eval_cfg, config, tokenizer, mesh,
+                                                     graphdef))
+    logging.info("Evaluator %s (%s) ready.", name, eval_cfg.type)
+  return evaluators
+
+
+def run_evaluators(evaluators: list[Any], state: dict[str, Any]) -> dict[str, float]:
+  results = {}
+  for evaluator in evaluators:
+    results.update(evaluator.evaluate(state["params"], state["model_state"]))
+  return results

@@ -1,0 +1,102 @@
+"""Zero-shot classification: class names x prompt templates -> averaged text embeddings -> top-k.
+
+The arithmetic is in pure functions (`class_embeddings`, `topk_correct`) so it can be tested
+against numpy; `ZeroShotEvaluator` wires them to a model, a mesh and a TFDS split. Padded examples
+(the split is rarely a multiple of the batch) carry mask 0 and are never counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from xclip_jax.evaluate import templates as templates_lib
+from xclip_jax.parallel import mesh as mesh_lib
+
+
+def _l2_normalise(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def class_embeddings(prompt_emb: jax.Array, num_classes: int) -> jax.Array:
+  """[C*T, D] prompt embeddings (class-major) -> [C, D]: normalise, average over T, renormalise."""
+  per_class = _l2_normalise(prompt_emb).reshape(num_classes, -1, prompt_emb.shape[-1])
+  return _l2_normalise(per_class.mean(axis=1))
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+  """Number of unmasked rows whose label is among the k highest logits."""
+  k = min(k, logits.shape[-1])
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  # Rank = how many classes score strictly higher than the true one (ties count in its favour).
+  rank = jnp.sum(logits > label_logit, axis=-1)
+  return jnp.sum((rank < k) & (mask > 0))
+
+
+class ZeroShotEvaluator:
+  """Top-1/top-5 zero-shot accuracy of a two-tower model on a TFDS classification split."""
+
+  def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict, config, tokenizer,
+               mesh: jax.sharding.Mesh, graphdef: Any):
+    from xclip_jax.data import pipeline  # TensorFlow only where data is read
+
+    self.name = name
+    self._mesh = mesh
+    self._graphdef = graphdef
+    data_dir = eval_cfg.data_dir or config.data.data_dir or None
+    builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir,
+                                       eval_cfg.dataset == config.data.name and config.data.builtin)
+    self.class_names = list(builder.info.features[eval_cfg.label_key].names)
+    self._templates = templates_lib.get_templates(eval_cfg.templates)
+    prompts = [t.format(c.replace("_", " ")) for c in self.class_names for t in self._templates]
+    ids = tokenizer.encode(prompts, config.model.text.context_length)
+    # Pad the prompt batch to a multiple of the batch axes so it shards evenly; drop pads later.
+    shards = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
+    pad = (-len(ids)) % shards
+    self._num_prompts = len(ids)
+    self._prompt_ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+    self._dataset = pipeline.make_eval_dataset(
+        eval_cfg, config, process_index=jax.process_index(), process_count=jax.process_count(),
+        host_batch_size=mesh_lib.batch_size_per_process(eval_cfg.batch_size, mesh))
+    self._batch_sharding = mesh_lib.batch_sharding(mesh)
+    self._encode_text = jax.jit(self._encode_text_fn)
+    self._count = jax.jit(self._count_fn, out_shardings=mesh_lib.replicated(mesh))
+
+  def _encode_text_fn(self, params, model_state, ids):
+    model = nnx.merge(self._graphdef, params, model_state)
+    return model.encode_text(ids)
+
+  def _count_fn(self, params, model_state, class_emb, batch):
+    model = nnx.merge(self._graphdef, params, model_state)
+    image_emb = model.encode_image(batch["image"])
+    logits = jnp.einsum("bd,cd->bc", image_emb.astype(jnp.float32), class_emb)
+    mask = batch["mask"]
+    return {"top1": topk_correct(logits, batch["label"], mask, 1),
+            "top5": topk_correct(logits, batch["label"], mask, 5),
+            "count": jnp.sum(mask > 0)}
+
+  def evaluate(self, params, model_state) -> dict[str, float]:
+    with jax.set_mesh(self._mesh):
+      ids = jax.make_array_from_process_local_data(self._batch_sharding, self._local_prompts())
+      prompt_emb = self._encode_text(params, model_state, ids)[: self._num_prompts]
+      class_emb = class_embeddings(prompt_emb, len(self.class_names))
+      totals = {"top1": 0, "top5": 0, "count": 0}
+      for batch in self._dataset.as_numpy_iterator():
+        batch = jax.make_array_from_process_local_data(self._batch_sharding, batch)
+        counts = jax.device_get(self._count(params, model_state, class_emb, batch))
+        for key in totals:
+          totals[key] += int(counts[key])
+    n = max(totals["count"], 1)
+    return {f"{self.name}/top1": 100.0 * totals["top1"] / n,
+            f"{self.name}/top5": 100.0 * totals["top5"] / n,
+            f"{self.name}/examples": float(totals["count"])}
+
+  def _local_prompts(self) -> np.ndarray:
+    """This process's rows of the (replicated on every host) prompt batch."""
+    rows = self._prompt_ids.reshape(jax.process_count(), -1, self._prompt_ids.shape[1])
+    return rows[jax.process_index()]

@@ -1,0 +1,151 @@
+"""The train loop: mesh, data, state, step; log, evaluate, checkpoint. Nothing model-specific.
+
+The method (CLIP, DeCLIP, ...) enters only through `objectives.registry` and the model factory,
+so every method shares this loop, its sharding, its checkpoints and its preemption handling.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from xclip_jax import checkpoint as ckpt_lib
+from xclip_jax import config as config_lib
+from xclip_jax import metrics as metrics_lib
+from xclip_jax import optim
+from xclip_jax import train_state as ts
+from xclip_jax.data import pipeline
+from xclip_jax.data import tokenizer as tokenizer_lib
+from xclip_jax.evaluate import runner as eval_runner
+from xclip_jax.models import two_tower
+from xclip_jax.objectives import registry
+from xclip_jax.parallel import mesh as mesh_lib
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      logging.warning("SIGTERM received: will save a checkpoint at the next step boundary.")
+      self.requested = True
+    self._previous = signal.signal(signal.SIGTERM, handler)
+    return self
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+
+  # ------------------------------------------------------------------------------------------------
+  #  Check everything that can fail cheaply before compiling anything
+  # ------------------------------------------------------------------------------------------------
+  config_lib.validate(config)
+  method = registry.get_method(config.method)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  host_batch = mesh_lib.batch_size_per_process(config.batch_size, mesh)
+  pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
+  tokenizer = tokenizer_lib.resolve_tokenizer(config)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
+                     f"={config.model.text.vocab_size}; raise the latter.")
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("Mesh %s; global batch %d (%d per process); %d devices.",
+               dict(mesh.shape), config.batch_size, host_batch, jax.device_count())
+
+  # ------------------------------------------------------------------------------------------------
+  #  Model and optimizer state, created directly in their shardings
+  # ------------------------------------------------------------------------------------------------
+  model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
+  tx, schedule = optim.make_optimizer(config, params)
+  state = ts.init_train_state(params, model_state, tx, mesh, config.seed)
+  state_shardings = ts.shardings_of(state)
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  logging.info("Model: %s, %.2fM parameters.", config.method, n_params / 1e6)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
+                                       keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    logging.info("Resuming from the checkpoint at step %d.", start_step)
+    state = checkpointer.restore(start_step, ts.abstract_of(state))
+
+  # ------------------------------------------------------------------------------------------------
+  #  Input pipeline: this process's slice -> host batches -> global arrays
+  # ------------------------------------------------------------------------------------------------
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  dataset = pipeline.make_train_dataset(
+      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+      host_batch_size=host_batch, seed=config.seed + start_step)
+  batches = pipeline.GlobalBatchIterator(dataset, batch_sharding, prefetch=config.data.prefetch)
+
+  evaluators = eval_runner.build_evaluators(config, tokenizer, mesh, graphdef)
+  logger = metrics_lib.MetricLogger(workdir, total_steps=config.total_steps,
+                                    global_batch=config.batch_size)
+
+  # ------------------------------------------------------------------------------------------------
+  #  Compile the step ahead of time (reports compile time; dry_run stops here)
+  # ------------------------------------------------------------------------------------------------
+  train_step = ts.jit_train_step(ts.make_train_step(graphdef, tx, schedule, method, config),
+                                 state_shardings, batch_sharding, mesh)
+  batch = next(batches)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled_step = train_step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - t0
+  logging.info("Train step compiled in %.1f s.", compile_seconds)
+  if config.dry_run:
+    batches.close()
+    checkpointer.close()
+    return {"compile_seconds": compile_seconds}
+
+  # ------------------------------------------------------------------------------------------------
+  #  The loop
+  # ------------------------------------------------------------------------------------------------
+  last = {}
+  step = start_step
+  logger.start(step)
+  with _PreemptionFlag() as preemption:
+    while step < config.total_steps:
+      state, metrics = compiled_step(state, batch)
+      step += 1
+      is_last = step == config.total_steps
+
+      if step % config.log_every == 0 or is_last or step == start_step + 1:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last.update(logger.timing(step))
+        if step == start_step + 1:
+          last["compile_seconds"] = compile_seconds
+        logger.write(step, last)
+
+      if evaluators and ((config.eval_every and step % config.eval_every == 0) or is_last):
+        results = eval_runner.run_evaluators(evaluators, state)
+        logger.write(step, results)
+        last.update(results)
+
+      # Orbax decides from its interval whether this step is saved; preemption forces a save.
+      checkpointer.save(step, state, config, force=is_last or preemption.requested)
+      if preemption.requested:
+        logging.warning("Saved step %d after SIGTERM; exiting.", step)
+        break
+      if not is_last:
+        batch = next(batches)
+
+  batches.close()
+  checkpointer.close()
+  logger.close()
+  return last

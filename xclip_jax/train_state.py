@@ -1,0 +1,90 @@
+"""The train state as a plain pytree, created already sharded, and the jitted train step.
+
+TrainState is a dict of pure pytrees so that checkpoints hold framework-neutral trees:
+  step         int32 scalar
+  params       nested dict of the model's nnx.Param arrays
+  opt_state    optax state over `params`
+  model_state  nested dict of the model's other variables (e.g. BatchNorm statistics)
+  rng          uint32 PRNG key data, advanced every step
+Nothing here knows which method is trained: the objective comes from the registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from xclip_jax.objectives import registry
+from xclip_jax.parallel import mesh as mesh_lib
+
+TrainState = dict[str, Any]
+
+
+def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh, seed: int) -> TrainState:
+  """The full train state around already-sharded parameters; optimizer state is created sharded."""
+  # The moments inherit the parameters' shardings through propagation (zeros_like of each leaf).
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  replicated = mesh_lib.replicated(mesh)
+  state = {
+      "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+      "params": params,
+      "opt_state": opt_state,
+      "model_state": model_state,
+      "rng": jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+  }
+  return state
+
+
+def shardings_of(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def abstract_of(tree: Any) -> Any:
+  """ShapeDtypeStructs carrying each leaf's sharding: the restore target for Orbax."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    method: registry.Method, config: ml_collections.ConfigDict):
+  """Returns the un-jitted step: (state, batch) -> (state, metrics)."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state["model_state"])
+      outputs = model(batch, train=True)
+      loss, metrics = method.objective(outputs, batch, config)
+      _, _, model_state = nnx.split(model, nnx.Param, ...)
+      return loss, (metrics, outputs.get("logit_scale"), nnx.to_pure_dict(model_state))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (metrics, scale, model_state)), grads = grad_fn(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params), lr=schedule(state["step"]))
+    if scale is not None:
+      metrics["logit_scale"] = scale
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "model_state": model_state, "rng": jax.random.key_data(rng)}
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings: Any, batch_sharding: Any,
+                   mesh: jax.sharding.Mesh):
+  """jax.jit with explicit in/out shardings; the old state is donated so its buffers are reused."""
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                 donate_argnums=(0,))
