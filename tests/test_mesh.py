@@ -148,6 +148,12 @@ def test_tensor_axis_splits_heads_and_mlp():
   assert qkv.sharding.shard_shape(qkv.shape) == (LAYERS, WIDTH // 2, 3, 1, WIDTH // 2)
 
 
+def test_uneven_split_is_a_clear_error_before_compiling():
+  # 2 heads cannot be split over tensor=4.
+  with pytest.raises(ValueError, match=r"attn/\w+_kernel.*size 2.*mesh axes \('tensor',\).*config.mesh.tensor"):
+    meshlib.create_sharded(model_fn, mesh_of(2, 1, 4))
+
+
 # ---- real sharded creation and a sharded step ----------------------------------------------------
 
 

@@ -28,8 +28,10 @@ class Checkpointer:
   """A thin wrapper that fixes the item names and the save policy of one run."""
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    # The interval is applied here, not by Orbax (which also saves the first step it sees).
+    self._every = int(every)
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every, max_to_keep=keep, create=True,
+        max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
         checkpoint_dir(workdir), options=options, item_names=(STATE, CONFIG))
@@ -39,10 +41,12 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict, *,
            force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); returns whether a save started."""
+    """Saves if `step` is a multiple of `every` (or `force`); returns whether a save started."""
+    if not force and (self._every <= 0 or step % self._every):
+      return False
     return self._manager.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
-        CONFIG: ocp.args.JsonSave(config.to_dict())}), force=force)
+        CONFIG: ocp.args.JsonSave(config.to_dict())}), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""

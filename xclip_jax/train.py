@@ -47,7 +47,16 @@ class _PreemptionFlag:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics.
+
+  SIGTERM at any point after start-up (even during compilation) saves at the next step boundary.
+  """
+  with _PreemptionFlag() as preemption:
+    return _run(config, workdir, preemption)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str,
+         preemption: _PreemptionFlag) -> dict[str, float]:
 
   # ------------------------------------------------------------------------------------------------
   #  Check everything that can fail cheaply before compiling anything
@@ -83,6 +92,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if start_step:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
     state = checkpointer.restore(start_step, ts.abstract_of(state))
+  if start_step >= config.total_steps:
+    logging.info("The checkpoint at step %d already reaches config.total_steps=%d: nothing to do.",
+                 start_step, config.total_steps)
+    checkpointer.close()
+    return {}
 
   # ------------------------------------------------------------------------------------------------
   #  Input pipeline: this process's slice -> host batches -> global arrays
@@ -119,31 +133,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   last = {}
   step = start_step
   logger.start(step)
-  with _PreemptionFlag() as preemption:
-    while step < config.total_steps:
-      state, metrics = compiled_step(state, batch)
-      step += 1
-      is_last = step == config.total_steps
+  while step < config.total_steps:
+    state, metrics = compiled_step(state, batch)
+    step += 1
+    is_last = step == config.total_steps
 
-      if step % config.log_every == 0 or is_last or step == start_step + 1:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last.update(logger.timing(step))
-        if step == start_step + 1:
-          last["compile_seconds"] = compile_seconds
-        logger.write(step, last)
+    if step % config.log_every == 0 or is_last or step == start_step + 1:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      last.update(logger.timing(step))
+      if step == start_step + 1:
+        last["compile_seconds"] = compile_seconds
+      logger.write(step, last)
 
-      if evaluators and ((config.eval_every and step % config.eval_every == 0) or is_last):
-        results = eval_runner.run_evaluators(evaluators, state)
-        logger.write(step, results)
-        last.update(results)
+    if evaluators and ((config.eval_every and step % config.eval_every == 0) or is_last):
+      results = eval_runner.run_evaluators(evaluators, state)
+      logger.write(step, results)
+      last.update(results)
 
-      # Orbax decides from its interval whether this step is saved; preemption forces a save.
-      checkpointer.save(step, state, config, force=is_last or preemption.requested)
-      if preemption.requested:
-        logging.warning("Saved step %d after SIGTERM; exiting.", step)
-        break
-      if not is_last:
-        batch = next(batches)
+    # Orbax decides from its interval whether this step is saved; preemption forces a save.
+    checkpointer.save(step, state, config, force=is_last or preemption.requested)
+    if preemption.requested:
+      logging.warning("Saved step %d after SIGTERM; exiting.", step)
+      break
+    if not is_last:
+      batch = next(batches)
 
   batches.close()
   checkpointer.close()

@@ -115,6 +115,24 @@ def state_shardings(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def check_divisible(tree: Any, mesh: Mesh) -> None:
+  """Raises a ValueError naming the parameter and the mesh axis when a sharded dim does not split
+  evenly (jit would otherwise fail later with a message about pjit outputs)."""
+  def check(path, leaf):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      parts = math.prod(mesh.shape[a] for a in axes)
+      if size % parts:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        raise ValueError(
+            f"Parameter {name} of shape {tuple(leaf.shape)}: dim {dim} (size {size}) cannot be "
+            f"split over mesh axes {axes} of total size {parts}. Change config.mesh."
+            f"{'/'.join(axes)} to a divisor of {size}, or the model width/heads/vocab.")
+  jax.tree_util.tree_map_with_path(check, tree)
+
+
 # ---- sharded model creation ----------------------------------------------------------------------
 
 
@@ -143,6 +161,8 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh: Mesh
     empty). Rebuild the module with `nnx.merge(graphdef, params, rest)`, also inside jax.jit.
   """
   graphdef, abstract_params, abstract_rest = abstract_model(model_fn, mesh)
+  check_divisible(abstract_params, mesh)
+  check_divisible(abstract_rest, mesh)
 
   def init():
     _, params, rest = nnx.split(model_fn(), nnx.Param, ...)

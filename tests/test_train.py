@@ -1,0 +1,154 @@
+"""The train loop end to end on the demo data: checkpoints, resume, SIGTERM, and mesh parity."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from xclip_jax import checkpoint, optim, train
+from xclip_jax import train_state as ts
+from xclip_jax.models import two_tower
+from xclip_jax.objectives import registry
+from xclip_jax.parallel import mesh as mesh_lib
+
+import configs.clip as clip_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tiny towers: a step is a few ms, compilation a few seconds.
+TINY = {
+    "batch_size": 16, "total_steps": 4, "log_every": 1, "eval_every": 0,
+    "model.embed_dim": 16,
+    "model.image.width": 32, "model.image.layers": 2, "model.image.heads": 2,
+    "model.image.patch_size": 16,
+    "model.text.width": 32, "model.text.layers": 2, "model.text.heads": 2,
+    "optim.warmup_steps": 1, "data.shuffle_buffer": 64,
+    "evals.zeroshot.max_examples": 64, "evals.zeroshot.batch_size": 32,
+    "checkpoint.every": 2, "checkpoint.keep": 3,
+}
+
+
+def tiny_config(data_dir, **overrides):
+  c = clip_config.get_config("demo")
+  for key, value in {**TINY, "data.data_dir": data_dir, "evals.zeroshot.data_dir": data_dir,
+                     **overrides}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(p) for p in os.listdir(checkpoint.checkpoint_dir(workdir)) if p.isdigit())
+
+
+def test_train_checkpoints_and_resumes(demo_dir, tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  metrics = train.run(tiny_config(demo_dir), workdir)
+  assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+  assert 0.0 <= metrics["zeroshot/top1"] <= 100.0        # percent, evaluated at the last step
+  assert metrics["zeroshot/examples"] == 64
+  assert metrics["lr"] > 0 and metrics["images_per_sec"] > 0
+  assert checkpoint_steps(workdir) == [2, 4]
+
+  params = checkpoint.load_params(workdir)
+  assert params["image"]["projection"].shape == (32, 16)
+  assert isinstance(params["logit_scale"], np.ndarray)
+  first = params["image"]["projection"].copy()
+
+  # Same workdir, more steps: continues from step 4 and writes 6.
+  caplog.set_level(logging.INFO)
+  metrics = train.run(tiny_config(demo_dir, total_steps=6), workdir)
+  assert "Resuming from the checkpoint at step 4" in caplog.text
+  assert checkpoint_steps(workdir) == [2, 4, 6]
+  assert not np.array_equal(checkpoint.load_params(workdir)["image"]["projection"], first)
+  np.testing.assert_array_equal(checkpoint.load_params(workdir, step=4)["image"]["projection"],
+                                first)
+
+  # A finished run started again does nothing and keeps its checkpoints.
+  assert train.run(tiny_config(demo_dir, total_steps=6), workdir) == {}
+  assert checkpoint_steps(workdir) == [2, 4, 6]
+
+
+def _tiny_state(mesh, config):
+  model_fn = lambda: two_tower.build_model(config, eos_id=2, seed=0)
+  graphdef, params, rest = mesh_lib.create_sharded(model_fn, mesh)
+  tx, schedule = optim.make_optimizer(config, params)
+  state = ts.init_train_state(params, rest, tx, mesh, seed=0)
+  step = ts.jit_train_step(
+      ts.make_train_step(graphdef, tx, schedule, registry.get_method("clip"), config),
+      ts.shardings_of(state), mesh_lib.batch_sharding(mesh), mesh)
+  return state, step
+
+
+def test_train_step_on_8_devices_equals_1_device():
+  # eps=1e-3 keeps Adam's first steps Lipschitz in the gradient: with eps=1e-6, a gradient of
+  # ~1e-6 (a rare token's embedding row) turns reduction-order noise into a visible update change.
+  config = tiny_config("", **{"model.image.patch_size": 8, "optim.lr": 1e-2, "optim.eps": 1e-3})
+  rng = np.random.RandomState(0)
+  batches = []
+  for _ in range(3):
+    text = rng.randint(4, 200, size=(16, 32)).astype(np.int32)
+    text[:, 9], text[:, 10:] = 2, 0
+    batches.append({"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "text": text})
+
+  def trajectory(mesh):
+    state, step = _tiny_state(mesh, config)
+    losses = []
+    with jax.set_mesh(mesh):
+      for b in batches:
+        state, metrics = step(state, jax.device_put(b, mesh_lib.batch_sharding(mesh)))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"])
+
+  one = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  eight = mesh_lib.make_mesh(dict(data=4, fsdp=2, tensor=1))
+  losses_1, params_1 = trajectory(one)
+  losses_8, params_8 = trajectory(eight)
+  assert losses_1[0] != losses_1[-1]                       # it trains
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(params_1)):
+    # Adam steps are ~lr = 1e-2; reduction order moves them by ~1e-6.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _main_command(workdir, data_dir, total_steps):
+  flags = [f"--config.{k}={v}" for k, v in TINY.items()]
+  return [sys.executable, "-m", "xclip_jax.main", "--config=configs/clip.py:demo",
+          f"--workdir={workdir}", *flags, f"--config.total_steps={total_steps}",
+          f"--config.data.data_dir={data_dir}", f"--config.evals.zeroshot.data_dir={data_dir}",
+          "--config.evals.zeroshot.enabled=False", "--config.checkpoint.every=100000"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_the_same_command_resumes(demo_dir, tmp_path):
+  workdir = tmp_path / "run"
+  log = tmp_path / "log.txt"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_main_command(workdir, demo_dir, 100_000), cwd=ROOT,
+                            stdout=f, stderr=subprocess.STDOUT)
+  deadline = time.time() + 180
+  while "step 3/" not in log.read_text():
+    assert proc.poll() is None, log.read_text()[-3000:]
+    assert time.time() < deadline, "no training step logged in time"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+  assert "after SIGTERM" in log.read_text()
+  (saved,) = checkpoint_steps(workdir)                      # only the forced save
+  assert saved >= 3
+
+  out = subprocess.run(_main_command(workdir, demo_dir, saved + 2), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resuming from the checkpoint at step {saved}" in out.stderr
+  assert f"step {saved + 1}/{saved + 2}" in out.stderr
+  assert checkpoint_steps(workdir) == [saved, saved + 2]
