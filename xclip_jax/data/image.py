@@ -86,3 +86,74 @@ def eval_transform(encoded: tf.Tensor, *, size: int, mean: Sequence[float],
   """CLIP's eval preprocessing: shorter side to size*256/224, central crop, normalise."""
   image = resize_shorter_side(decode(encoded), int(round(size * resize_ratio)))
   return normalize(central_crop(image, size), mean, std)
+
+
+# ---- MoCo v2's augmentation (DeCLIP's two image views) ---------------------------------------------
+
+
+def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
+  return tf.random.stateless_uniform([], seed, low, high)
+
+
+def _apply_with_prob(image: tf.Tensor, prob: float, seed: tf.Tensor, fn) -> tf.Tensor:
+  coin_seed, fn_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if prob <= 0:
+    return image
+  return tf.cond(_uniform(coin_seed, 0.0, 1.0) < prob, lambda: fn(image, fn_seed), lambda: image)
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> tf.Tensor:
+  """torchvision's ColorJitter on [0, 1] float images, in a fixed order (torchvision shuffles it).
+
+  Brightness, contrast and saturation factors are drawn from [1 - s, 1 + s]; hue shifts by
+  [-hue, hue] of a full turn.
+  """
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+  image = image * _uniform(seeds[0], 1 - brightness, 1 + brightness)
+  image = tf.image.adjust_contrast(tf.clip_by_value(image, 0, 1),
+                                   _uniform(seeds[1], 1 - contrast, 1 + contrast))
+  image = tf.image.adjust_saturation(tf.clip_by_value(image, 0, 1),
+                                     _uniform(seeds[2], 1 - saturation, 1 + saturation))
+  image = tf.image.adjust_hue(tf.clip_by_value(image, 0, 1), _uniform(seeds[3], -hue, hue))
+  return tf.clip_by_value(image, 0, 1)
+
+
+def grayscale(image: tf.Tensor) -> tf.Tensor:
+  return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.Tensor:
+  """Separable Gaussian blur with reflect padding; kernel radius ceil(3 * max_sigma), <= H/2."""
+  size = image.shape[0]
+  radius = max(1, min(int(-(-3 * max_sigma // 1)), (size - 1) // 2))
+  x = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kernel = tf.exp(-0.5 * tf.square(x / sigma))
+  kernel = kernel / tf.reduce_sum(kernel)
+  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
+  horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1])
+  vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])
+  out = tf.nn.depthwise_conv2d(padded, horizontal, [1, 1, 1, 1], "VALID")
+  out = tf.nn.depthwise_conv2d(out, vertical, [1, 1, 1, 1], "VALID")
+  return out[0]
+
+
+def view_transform(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, scale: Sequence[float],
+                   flip: bool, jitter: Sequence[float], jitter_prob: float, grayscale_prob: float,
+                   blur_prob: float, blur_sigma: Sequence[float], mean: Sequence[float],
+                   std: Sequence[float]) -> tf.Tensor:
+  """MoCo v2 (as DeCLIP uses it): random resized crop, colour jitter (p), grayscale (p),
+  Gaussian blur (p), flip, normalise -> float32 [size, size, 3]."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+  image = random_resized_crop(decode(encoded), size, seeds[0], scale=scale) / 255.0
+  b, c, s, h = jitter
+  image = _apply_with_prob(image, jitter_prob, seeds[1], lambda x, sd: color_jitter(
+      x, sd, brightness=b, contrast=c, saturation=s, hue=h))
+  image = _apply_with_prob(image, grayscale_prob, seeds[2], lambda x, sd: grayscale(x))
+  lo, hi = blur_sigma
+  image = _apply_with_prob(image, blur_prob, seeds[3], lambda x, sd: gaussian_blur(
+      x, _uniform(sd, lo, hi), hi))
+  if flip:
+    image = random_flip(image, seeds[4])
+  image.set_shape([size, size, 3])
+  return normalize(image * 255.0, mean, std)

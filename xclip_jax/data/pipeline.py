@@ -11,6 +11,7 @@ TensorFlow is told to keep off GPUs at import: JAX owns the accelerators.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import queue
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from xclip_jax.data import eda
 from xclip_jax.data import image as image_lib
 
 try:   # TF must never allocate GPU memory that JAX needs; harmless on CPU-only machines.
@@ -148,9 +150,12 @@ def process_seed(seed: int, process_index: int) -> int:
 # ---- train ------------------------------------------------------------------------------------
 
 def make_train_dataset(config, tokenizer, *, process_index: int, process_count: int,
-                       host_batch_size: int, seed: int | None = None) -> tf.data.Dataset:
+                       host_batch_size: int, seed: int | None = None, image_views: int = 1,
+                       text_views: int = 1) -> tf.data.Dataset:
   """Endless batches {"image": float32 [b, S, S, 3], "text": int32 [b, L]} from this process's slice.
 
+  image_views=2 adds "image2": both views then use the MoCo v2 augmentation of config.data.
+  text_views=2 adds "text_aug": the same caption after one EDA op (data/eda.py).
   `seed` (default config.seed) fixes every random choice; a resumed run may pass a new one
   (e.g. config.seed + step) so that it does not replay the batches it already trained on.
   """
@@ -167,15 +172,28 @@ def make_train_dataset(config, tokenizer, *, process_index: int, process_count: 
   ds = ds.repeat().shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   parallel = tf.data.AUTOTUNE if d.num_parallel_calls < 0 else d.num_parallel_calls
   base_seed = tf.constant(seed, tf.int64)
+  synonyms = eda.load_synonyms() if text_views == 2 else {}
+  view = functools.partial(
+      image_lib.view_transform, size=size, scale=tuple(d.view_crop_scale), flip=d.flip,
+      jitter=tuple(d.color_jitter), jitter_prob=d.color_jitter_prob,
+      grayscale_prob=d.grayscale_prob, blur_prob=d.blur_prob, blur_sigma=tuple(d.blur_sigma),
+      mean=tuple(d.mean), std=tuple(d.std))
 
   def preprocess(index, example):
-    # Per-example stateless seed from (process seed, position in the stream): reproducible.
-    image_seed, text_seed = tf.unstack(tf.random.experimental.stateless_split(
-        tf.stack([base_seed, index]), 2))
+    # Per-example stateless seeds from (process seed, position in the stream): reproducible.
+    image_seed, image2_seed, text_seed, eda_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([base_seed, index]), 4))
     image_bytes = get_numpy_field(example, d.image_key)
-    image = image_lib.train_transform(image_bytes, image_seed, size=size, scale=tuple(d.crop_scale),
-                                      flip=d.flip, mean=tuple(d.mean), std=tuple(d.std))
-    return {"image": image, "text": get_field(example, d.text_key, text_seed)}
+    out = {"text": get_field(example, d.text_key, text_seed)}
+    if image_views == 2:
+      out["image"], out["image2"] = view(image_bytes, image_seed), view(image_bytes, image2_seed)
+    else:
+      out["image"] = image_lib.train_transform(
+          image_bytes, image_seed, size=size, scale=tuple(d.crop_scale), flip=d.flip,
+          mean=tuple(d.mean), std=tuple(d.std))
+    if text_views == 2:
+      out["eda_seed"] = eda_seed[0]
+    return out
 
   ds = ds.enumerate().map(preprocess, num_parallel_calls=parallel)
   ds = ds.batch(host_batch_size, drop_remainder=True)
@@ -183,10 +201,20 @@ def make_train_dataset(config, tokenizer, *, process_index: int, process_count: 
   def tokenize(texts: np.ndarray) -> np.ndarray:
     return tokenizer.encode([t.decode("utf-8") for t in texts.tolist()], context_length)
 
+  def tokenize_eda(texts: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    captions = [eda.augment(t.decode("utf-8"), np.random.default_rng(int(s) & 0x7FFFFFFFFFFFFFFF),
+                            synonyms) for t, s in zip(texts.tolist(), seeds.tolist())]
+    return tokenizer.encode(captions, context_length)
+
   def tokenize_batch(batch):
-    tokens = tf.numpy_function(tokenize, [batch["text"]], tf.int32, stateful=False)
-    tokens.set_shape([host_batch_size, context_length])
-    return {"image": batch["image"], "text": tokens}
+    out = {k: v for k, v in batch.items() if k not in ("text", "eda_seed")}
+    out["text"] = tf.numpy_function(tokenize, [batch["text"]], tf.int32, stateful=False)
+    out["text"].set_shape([host_batch_size, context_length])
+    if text_views == 2:
+      out["text_aug"] = tf.numpy_function(tokenize_eda, [batch["text"], batch["eda_seed"]],
+                                          tf.int32, stateful=False)
+      out["text_aug"].set_shape([host_batch_size, context_length])
+    return out
 
   ds = ds.map(tokenize_batch, num_parallel_calls=parallel)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_data_options())
