@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.activation = "quick_gelu"        # CLIP's QuickGELU; "gelu" for exact GELU
   c.model.logit_scale_init = math.log(1 / 0.07)
   c.model.logit_scale_max = 100.0          # exp(logit_scale) is clamped here in the forward pass
+  c.model.logit_scale_range = ()           # (lo, hi): clamp the *parameter* after each update
   c.model.image = ml_collections.ConfigDict(
       dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0))
   c.model.text = ml_collections.ConfigDict(
@@ -77,6 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
   c.data.crop_scale = (0.9, 1.0)           # RandomResizedCrop area range
   c.data.flip = True
+  # Two-view methods (DeCLIP) augment each view with MoCo v2's recipe on top of crop and flip:
+  c.data.view_crop_scale = (0.2, 1.0)      # RandomResizedCrop area range of each view
+  c.data.color_jitter = (0.4, 0.4, 0.4, 0.1)   # brightness, contrast, saturation, hue
+  c.data.color_jitter_prob = 0.8
+  c.data.grayscale_prob = 0.2
+  c.data.blur_prob = 0.5
+  c.data.blur_sigma = (0.1, 2.0)           # Gaussian blur sigma range, in pixels at the view size
   c.data.mean = (0.48145466, 0.4578275, 0.40821073)   # CLIP's normalisation
   c.data.std = (0.26862954, 0.26130258, 0.27577711)
   c.data.prefetch = 2                      # global batches kept in flight on the devices
@@ -94,6 +102,18 @@ def base_config() -> ml_collections.ConfigDict:
       type="zeroshot", dataset="", data_dir="", split="test", image_key="image", label_key="label",
       templates="demo", batch_size=256, max_examples=0))
   c.evals.zeroshot.enabled = False
+
+  # ---- DeCLIP (read only when method == "declip") ------------------------------------------------
+  c.declip = ml_collections.ConfigDict()
+  c.declip.clip_weight = 0.4               # the 4-pair multi-view InfoNCE (includes CLIP's pair)
+  c.declip.simsiam_weight = 0.2            # image self-supervision
+  c.declip.mlm_weight = 0.2                # text self-supervision
+  c.declip.nns_weight = 0.2                # nearest-neighbour supervision
+  c.declip.mlm_probability = 0.15
+  c.declip.queue_size = 65_536             # NNS FIFO queue of text embeddings (global)
+  c.declip.projector_hidden = 1024         # SimSiam projector: embed -> 1024 -> 1024 -> projector_dim
+  c.declip.projector_dim = 1024
+  c.declip.predictor_hidden = 512          # SimSiam predictor: projector_dim -> 512 -> projector_dim
 
   # ---- checkpoints ------------------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))

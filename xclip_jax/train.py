@@ -80,7 +80,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
   graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
   tx, schedule = optim.make_optimizer(config, params)
-  state = ts.init_train_state(params, model_state, tx, mesh, config.seed)
+  method_state = ts.init_method_state(method, config, mesh, config.seed)
+  state = ts.init_train_state(params, model_state, tx, mesh, config.seed, method_state)
   state_shardings = ts.shardings_of(state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("Model: %s, %.2fM parameters.", config.method, n_params / 1e6)
@@ -104,7 +105,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = mesh_lib.batch_sharding(mesh)
   dataset = pipeline.make_train_dataset(
       config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
-      host_batch_size=host_batch, seed=config.seed + start_step)
+      host_batch_size=host_batch, seed=config.seed + start_step,
+      image_views=method.image_views, text_views=method.text_views)
   batches = pipeline.GlobalBatchIterator(dataset, batch_sharding, prefetch=config.data.prefetch)
 
   evaluators = eval_runner.build_evaluators(config, tokenizer, mesh, graphdef)
@@ -114,8 +116,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   # ------------------------------------------------------------------------------------------------
   #  Compile the step ahead of time (reports compile time; dry_run stops here)
   # ------------------------------------------------------------------------------------------------
-  train_step = ts.jit_train_step(ts.make_train_step(graphdef, tx, schedule, method, config),
-                                 state_shardings, batch_sharding, mesh)
+  text_spec = dict(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                   eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id,
+                   first_regular_id=tokenizer.mask_id + 1)
+  train_step = ts.jit_train_step(
+      ts.make_train_step(graphdef, tx, schedule, method, config, text_spec),
+      state_shardings, batch_sharding, mesh)
   batch = next(batches)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):

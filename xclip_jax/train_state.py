@@ -5,6 +5,7 @@ TrainState is a dict of pure pytrees so that checkpoints hold framework-neutral 
   params       nested dict of the model's nnx.Param arrays
   opt_state    optax state over `params`
   model_state  nested dict of the model's other variables (e.g. BatchNorm statistics)
+  method_state the method's extra state (DeCLIP: the nearest-neighbour queue), or {}
   rng          uint32 PRNG key data, advanced every step
 Nothing here knows which method is trained: the objective comes from the registry.
 """
@@ -25,8 +26,22 @@ from xclip_jax.parallel import mesh as mesh_lib
 TrainState = dict[str, Any]
 
 
+def init_method_state(method: registry.Method, config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh, seed: int) -> Any:
+  """The method's extra state, created directly in the shardings its `state_specs` name."""
+  specs = method.state_specs(config)
+  shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
+                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  init = lambda: method.init_state(config, jax.random.fold_in(jax.random.key(seed), 1))
+  mesh_lib.check_divisible(jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+      jax.eval_shape(init), shardings), mesh)
+  with jax.set_mesh(mesh):
+    return jax.jit(init, out_shardings=shardings)()
+
+
 def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation,
-                     mesh: jax.sharding.Mesh, seed: int) -> TrainState:
+                     mesh: jax.sharding.Mesh, seed: int, method_state: Any = None) -> TrainState:
   """The full train state around already-sharded parameters; optimizer state is created sharded."""
   # The moments inherit the parameters' shardings through propagation (zeros_like of each leaf).
   with jax.set_mesh(mesh):
@@ -37,6 +52,7 @@ def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransforma
       "params": params,
       "opt_state": opt_state,
       "model_state": model_state,
+      "method_state": {} if method_state is None else method_state,
       "rng": jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
   }
   return state
@@ -52,30 +68,43 @@ def abstract_of(tree: Any) -> Any:
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    method: registry.Method, config: ml_collections.ConfigDict):
-  """Returns the un-jitted step: (state, batch) -> (state, metrics)."""
+                    method: registry.Method, config: ml_collections.ConfigDict,
+                    text_spec: dict[str, int] | None = None):
+  """Returns the un-jitted step: (state, batch) -> (state, metrics).
+
+  `text_spec` (the tokenizer's vocab_size and special ids) is needed by methods whose `prepare`
+  edits token ids (DeCLIP's MLM masking).
+  """
+  scale_range = tuple(config.model.logit_scale_range)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    rng, prepare_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    batch = method.prepare(batch, prepare_rng, config, text_spec)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["model_state"])
       outputs = model(batch, train=True)
-      loss, metrics = method.objective(outputs, batch, config)
+      loss, metrics, method_state = method.objective(outputs, batch, config,
+                                                     state["method_state"])
       _, _, model_state = nnx.split(model, nnx.Param, ...)
-      return loss, (metrics, outputs.get("logit_scale"), nnx.to_pure_dict(model_state))
+      return loss, (metrics, outputs.get("logit_scale"), nnx.to_pure_dict(model_state),
+                    method_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, scale, model_state)), grads = grad_fn(state["params"])
+    (loss, (metrics, scale, model_state, method_state)), grads = grad_fn(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if scale_range:
+      # DeCLIP's YFCC recipes clamp the logit-scale *parameter* after every update.
+      params = dict(params, logit_scale=jnp.clip(params["logit_scale"], *scale_range))
 
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params), lr=schedule(state["step"]))
     if scale is not None:
       metrics["logit_scale"] = scale
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                 "model_state": model_state, "rng": jax.random.key_data(rng)}
+                 "model_state": model_state, "method_state": method_state,
+                 "rng": jax.random.key_data(rng)}
     return new_state, metrics
 
   return train_step

@@ -65,5 +65,8 @@ class TwoTower(nnx.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, *, eos_id: int, seed: int) -> TwoTower:
-  """The model config.model describes, initialised from `seed`."""
+  """The model config.method needs (towers + that method's heads), initialised from `seed`."""
+  if config.method == "declip":
+    from xclip_jax.models import declip  # local: declip builds on this module
+    return declip.DeclipModel(config.model, config.declip, eos_id=eos_id, rngs=nnx.Rngs(seed))
   return TwoTower(config.model, eos_id=eos_id, rngs=nnx.Rngs(seed))
