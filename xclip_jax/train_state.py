@@ -35,7 +35,8 @@ def init_method_state(method: registry.Method, config: ml_collections.ConfigDict
   init = lambda: method.init_state(config, jax.random.fold_in(jax.random.key(seed), 1))
   mesh_lib.check_divisible(jax.tree.map(
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-      jax.eval_shape(init), shardings), mesh)
+      jax.eval_shape(init), shardings), mesh, what=f"{method.name} state",
+      fix=f"or its size in config.{method.name} (e.g. a multiple of the device count)")
   with jax.set_mesh(mesh):
     return jax.jit(init, out_shardings=shardings)()
 

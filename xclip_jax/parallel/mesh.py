@@ -115,7 +115,8 @@ def state_shardings(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def check_divisible(tree: Any, mesh: Mesh) -> None:
+def check_divisible(tree: Any, mesh: Mesh, what: str = "Parameter",
+                    fix: str = "or the model width/heads/vocab") -> None:
   """Raises a ValueError naming the parameter and the mesh axis when a sharded dim does not split
   evenly (jit would otherwise fail later with a message about pjit outputs)."""
   def check(path, leaf):
@@ -127,9 +128,9 @@ def check_divisible(tree: Any, mesh: Mesh) -> None:
       if size % parts:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         raise ValueError(
-            f"Parameter {name} of shape {tuple(leaf.shape)}: dim {dim} (size {size}) cannot be "
+            f"{what} {name} of shape {tuple(leaf.shape)}: dim {dim} (size {size}) cannot be "
             f"split over mesh axes {axes} of total size {parts}. Change config.mesh."
-            f"{'/'.join(axes)} to a divisor of {size}, or the model width/heads/vocab.")
+            f"{'/'.join(axes)} to a divisor of {size}, {fix}.")
   jax.tree_util.tree_map_with_path(check, tree)
 
 

@@ -1,0 +1,61 @@
+"""The benchmark: analytic FLOPs by hand, a tiny run, and no TensorFlow needed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xclip_jax import bench
+
+import configs.clip as clip_config
+import configs.declip as declip_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(module):
+  c = module.get_config("demo")
+  c.batch_size = 8
+  c.model.embed_dim = 16
+  c.model.image.update(dict(image_size=16, patch_size=8, width=32, layers=2, heads=2))
+  c.model.text.update(dict(context_length=8, width=16, layers=1, heads=2, vocab_size=64))
+  if module is declip_config:
+    c.declip.update(dict(queue_size=64, projector_hidden=16, projector_dim=16, predictor_hidden=8))
+  return c
+
+
+def test_analytic_flops_hand_computed():
+  c = _tiny(clip_config)
+  # Image: 4 patches + class = 5 tokens, W=32, 2 layers, r=4:
+  #   per layer 2*5*12*32^2 + 4*25*32 = 122880 + 3200; patch embed 2*4*64*3*32; projection 2*32*16.
+  image = 2 * (122880 + 3200) + 2 * 4 * 64 * 3 * 32 + 2 * 32 * 16
+  # Text: 8 tokens, W=16, 1 layer: 2*8*12*256 + 4*64*16; projection 2*16*16.
+  text = (2 * 8 * 12 * 256 + 4 * 64 * 16) + 2 * 16 * 16
+  assert bench.analytic_flops(c, 1, 1) == 3 * 8 * (image + text)
+  assert bench.analytic_flops(c, 2, 2) == 2 * bench.analytic_flops(c, 1, 1)
+
+
+@pytest.mark.parametrize("module", [clip_config, declip_config])
+def test_tiny_benchmark_reports_sane_figures(module):
+  result = bench.run_benchmark(_tiny(module), steps=2)
+  assert result["step_time_median"] > 0 and result["images_per_sec"] > 0
+  assert result["compile_seconds"] > 0
+  assert 0 < result["mfu"] < 1.5
+  assert result["flops_per_step_xla_scan_body_once"] > 0
+  assert result["temp_bytes_per_device"] > 0
+  assert result["devices"] == 8 and result["mesh"]["data"] == 8
+
+
+def test_bench_runs_without_tensorflow(tmp_path):
+  code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+          "sys.path.insert(0, '.')\n"
+          "from xclip_jax import bench\n"
+          "import configs.clip as c\n"
+          "cfg = c.get_config('demo'); cfg.batch_size = 8; cfg.model.image.layers = 1\n"
+          "cfg.model.text.layers = 1\n"
+          "print('MFU', bench.run_benchmark(cfg, steps=1)['mfu'])\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "MFU" in out.stdout

@@ -1,0 +1,187 @@
+"""Train-step benchmark on synthetic in-memory data (no TensorFlow): compile time, step time,
+images/s, FLOPs (XLA's cost analysis and an analytic count), achieved TFLOP/s, MFU, memory.
+
+  python -m xclip_jax.bench --config=configs/clip.py:vit_b16 [--steps=20] [--json=out.json]
+      [--config.batch_size=256 ...]
+
+MFU is model FLOPs per step / step time / the devices' peak. Model FLOPs are the analytic count of
+the towers' matmuls and attention (3 x forward, as PaLM's MFU defines it): XLA's cost analysis
+counts the body of a `while` loop once, and the blocks are scanned, so its figure is reported
+beside it (about total / layers) but not used. The peak comes from a
+table of dense bf16/fp32 figures for known accelerators; on CPU it is a float32 matmul timed on the
+spot, so the CPU figure says how close the step gets to this machine's own matmul speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
+_JSON = flags.DEFINE_string("json", "", "Also write the results here.")
+
+# Peak dense TFLOP/s per device (vendor figures, without sparsity).
+PEAK_TFLOPS = {
+    ("gpu", "H100"): {"bfloat16": 989.0, "float32": 67.0},     # SXM; TF32 tensor cores: 494
+    ("gpu", "H200"): {"bfloat16": 989.0, "float32": 67.0},
+    ("gpu", "A100"): {"bfloat16": 312.0, "float32": 19.5},
+    ("tpu", "v4"): {"bfloat16": 275.0, "float32": 275.0},
+    ("tpu", "v5e"): {"bfloat16": 197.0, "float32": 197.0},
+    ("tpu", "v5p"): {"bfloat16": 459.0, "float32": 459.0},
+}
+
+
+def device_peak_tflops(dtype: str) -> tuple[float, str]:
+  """(peak TFLOP/s of one device, where the figure comes from)."""
+  import jax
+  import jax.numpy as jnp
+  device = jax.devices()[0]
+  kind = device.device_kind
+  for (platform, name), peaks in PEAK_TFLOPS.items():
+    if device.platform == platform and name.lower() in kind.lower().replace(" ", ""):
+      return peaks[dtype], f"table: {kind}"
+  # Measured: a float32 matmul on this device.
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / min(times) / 1e12, f"timed {n}x{n} float32 matmul on {kind}"
+
+
+def _tower_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
+  """Forward FLOPs of one sequence through pre-LN blocks: weights 2 * (4 + 2r) W^2 per token,
+  attention scores and values 2 * 2 * S^2 * W per layer."""
+  per_layer = 2 * tokens * (4 + 2 * mlp_ratio) * width**2 + 4 * tokens**2 * width
+  return layers * per_layer
+
+
+def analytic_flops(config, image_views: int, text_views: int) -> float:
+  """Training FLOPs per step of the two towers (3 x forward), heads and loss ignored."""
+  im, tx = config.model.image, config.model.text
+  patches = (im.image_size // im.patch_size) ** 2
+  image = _tower_flops(patches + 1, im.width, im.layers, im.mlp_ratio)
+  image += 2 * patches * im.patch_size**2 * 3 * im.width + 2 * im.width * config.model.embed_dim
+  text = _tower_flops(tx.context_length, tx.width, tx.layers, tx.mlp_ratio)
+  text += 2 * tx.width * config.model.embed_dim
+  return 3 * config.batch_size * (image_views * image + text_views * text)
+
+
+def synthetic_batch(config, image_views: int, text_views: int, seed: int = 0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  b, size, length = config.batch_size, config.model.image.image_size, config.model.text.context_length
+  images = lambda: rng.normal(size=(b, size, size, 3)).astype(np.float32)
+
+  def texts():
+    ids = rng.integers(4, min(config.model.text.vocab_size, 1000), size=(b, length)).astype(np.int32)
+    ends = rng.integers(4, length, size=b)
+    for i, end in enumerate(ends):
+      ids[i, end], ids[i, end + 1:] = 2, 0
+    return ids
+
+  batch = {"image": images(), "text": texts()}
+  if image_views == 2:
+    batch["image2"] = images()
+  if text_views == 2:
+    batch["text_aug"] = texts()
+  return batch
+
+
+def run_benchmark(config, steps: int) -> dict:
+  import jax
+  from xclip_jax import config as config_lib
+  from xclip_jax import optim
+  from xclip_jax import train_state as ts
+  from xclip_jax.models import two_tower
+  from xclip_jax.objectives import registry
+  from xclip_jax.parallel import mesh as mesh_lib
+
+  config_lib.validate(config)
+  method = registry.get_method(config.method)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  model_fn = lambda: two_tower.build_model(config, eos_id=2, seed=config.seed)
+  graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
+  tx, schedule = optim.make_optimizer(config, params)
+  state = ts.init_train_state(params, model_state, tx, mesh, config.seed,
+                              ts.init_method_state(method, config, mesh, config.seed))
+  text_spec = dict(vocab_size=config.model.text.vocab_size, pad_id=0, eos_id=2, mask_id=3,
+                   first_regular_id=4)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  step = ts.jit_train_step(ts.make_train_step(graphdef, tx, schedule, method, config, text_spec),
+                           ts.shardings_of(state), batch_sharding, mesh)
+  batch = jax.device_put(synthetic_batch(config, method.image_views, method.text_views),
+                         batch_sharding)
+
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", 0.0)) * jax.device_count()   # per-device program
+  memory = compiled.memory_analysis()
+
+  state, metrics = compiled(state, batch)                           # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  step_time = statistics.median(times)
+  peak, peak_source = device_peak_tflops(config.model.dtype)
+  model_flops = analytic_flops(config, method.image_views, method.text_views)
+  achieved = model_flops / step_time / 1e12
+  result = {
+      "config": f"{config.method}:{config.variant}", "batch_size": config.batch_size,
+      "dtype": config.model.dtype, "remat": config.model.remat, "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+      "compile_seconds": round(compile_seconds, 2), "step_time_median": step_time,
+      "step_time_min": min(times), "images_per_sec": config.batch_size / step_time,
+      "flops_per_step_model": model_flops,
+      "flops_per_step_xla_scan_body_once": xla_flops,
+      "achieved_tflops": achieved, "peak_tflops_per_device": peak, "peak_source": peak_source,
+      "mfu": achieved / (peak * jax.device_count()),
+      "loss": float(metrics["loss"]),
+  }
+  if memory is not None:
+    result.update(
+        argument_bytes_per_device=memory.argument_size_in_bytes,
+        temp_bytes_per_device=memory.temp_size_in_bytes,
+        output_bytes_per_device=memory.output_size_in_bytes)
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    result["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+  return result
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  result = run_benchmark(config, _STEPS.value)
+  text = json.dumps(result, indent=2)
+  print(text)
+  if _JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, "w") as f:
+      f.write(text + "\n")
+  logging.info("%s: %.3f s/step, %.1f img/s, MFU %.1f%%", result["config"],
+               result["step_time_median"], result["images_per_sec"], 100 * result["mfu"])
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
