@@ -92,6 +92,26 @@ def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
   return restored["params"]
 
 
+def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> tuple[int, dict]:
+  """(step, {"params": ..., "model_state": ...}) restored into the shapes and shardings of
+  `abstract` (ShapeDtypeStructs with shardings, e.g. from mesh.abstract_model); the optimizer
+  state is not read. The mesh may differ from the one the run trained on."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = _resolve_step(manager, workdir, step)
+  path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
+  checkpointer = ocp.PyTreeCheckpointer()
+  stored = checkpointer.metadata(path).item_metadata.tree
+  target = {k: abstract[k] for k in ("params", "model_state") if k in stored}
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+      target)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  restored.setdefault("model_state", {})
+  return step, restored
+
+
 def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config a checkpoint was trained with."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),

@@ -100,8 +100,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict()
   c.evals.zeroshot = ml_collections.ConfigDict(dict(
       type="zeroshot", dataset="", data_dir="", split="test", image_key="image", label_key="label",
-      templates="demo", batch_size=256, max_examples=0))
+      templates="demo", batch_size=256, max_examples=0, class_names=()))
   c.evals.zeroshot.enabled = False
+  # Image <-> text recall over a split with several captions per image (e.g. coco_captions).
+  c.evals.retrieval = ml_collections.ConfigDict(dict(
+      type="retrieval", enabled=False, dataset="", data_dir="", split="test", image_key="image",
+      text_key="captions/text", batch_size=256, max_examples=0))
+  # Logistic regression on frozen image features; validation = last val_percent% of train.
+  c.evals.linear_probe = ml_collections.ConfigDict(dict(
+      type="linear_probe", enabled=False, dataset="", data_dir="", train_split="train",
+      val_split="", val_percent=10, test_split="test", image_key="image", label_key="label",
+      batch_size=256, max_examples=0, steps=300))
 
   # ---- DeCLIP (read only when method == "declip") ------------------------------------------------
   c.declip = ml_collections.ConfigDict()
@@ -141,6 +150,10 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.evals.zeroshot.enabled = True
   c.evals.zeroshot.dataset = "xclip_demo"
   c.evals.zeroshot.templates = "demo"
+  c.evals.retrieval.enabled = True
+  c.evals.retrieval.dataset = "xclip_demo"
+  c.evals.linear_probe.dataset = "xclip_demo"     # off by default: --config.evals.linear_probe.enabled
+  c.evals.linear_probe.max_examples = 5000
   c.checkpoint.every = 200
   c.checkpoint.keep = 2
 
@@ -180,3 +193,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.optim.warmup_steps >= c.total_steps:
     raise ValueError(f"config.optim.warmup_steps={c.optim.warmup_steps} must be below "
                      f"config.total_steps={c.total_steps}.")
+
+
+def merge_saved(schema: ml_collections.ConfigDict, saved: dict) -> None:
+  """Writes a saved config (JSON: lists for tuples) into `schema`, keeping fields it lacks.
+
+  Keys the schema does not know are kept too (a config from a newer version still loads).
+  """
+  for key, value in saved.items():
+    if isinstance(value, dict) and key in schema and isinstance(schema[key],
+                                                                  ml_collections.ConfigDict):
+      merge_saved(schema[key], value)
+    elif key in schema:
+      current = schema[key]
+      if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+      with schema.unlocked():
+        schema[key] = value
+    else:
+      with schema.unlocked():
+        schema[key] = value

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import ml_collections
 from absl import logging
 
-from xclip_jax.evaluate import zeroshot
+from xclip_jax.evaluate import linear_probe, retrieval, zeroshot
 
-EVALUATOR_TYPES = {"zeroshot": zeroshot.ZeroShotEvaluator}
+EVALUATOR_TYPES = {"zeroshot": zeroshot.ZeroShotEvaluator,
+                   "retrieval": retrieval.RetrievalEvaluator,
+                   "linear_probe": linear_probe.LinearProbeEvaluator}
 
 
 def build_evaluators(config, tokenizer, mesh: jax.sharding.Mesh, graphdef: Any) -> list[Any]:
@@ -20,6 +23,9 @@ def build_evaluators(config, tokenizer, mesh: jax.sharding.Mesh, graphdef: Any) 
     if eval_cfg.type not in EVALUATOR_TYPES:
       raise ValueError(f"config.evals.{name}.type={eval_cfg.type!r} is not one of "
                        f"{sorted(EVALUATOR_TYPES)}.")
+    if not eval_cfg.dataset:        # default: the training dataset (its held-out split)
+      eval_cfg = ml_collections.ConfigDict(eval_cfg.to_dict())
+      eval_cfg.dataset = config.data.name
     evaluators.append(EVALUATOR_TYPES[eval_cfg.type](name, eval_cfg, config, tokenizer, mesh,
                                                      graphdef))
     logging.info("Evaluator %s (%s) ready.", name, eval_cfg.type)

@@ -52,6 +52,12 @@ class ZeroShotEvaluator:
     builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir,
                                        eval_cfg.dataset == config.data.name and config.data.builtin)
     self.class_names = list(builder.info.features[eval_cfg.label_key].names)
+    override = list(eval_cfg.get("class_names", ()) or ())
+    if override:
+      if len(override) != len(self.class_names):
+        raise ValueError(f"config.evals.{name}.class_names has {len(override)} names; "
+                         f"{eval_cfg.dataset} has {len(self.class_names)} classes.")
+      self.class_names = override
     self._templates = templates_lib.get_templates(eval_cfg.templates)
     prompts = [t.format(c.replace("_", " ")) for c in self.class_names for t in self._templates]
     ids = tokenizer.encode(prompts, config.model.text.context_length)

@@ -1,0 +1,105 @@
+"""Evaluate a checkpoint: python -m xclip_jax.evaluate --workdir=DIR [--step=N] [--config.evals...]
+
+The config is the one saved with the checkpoint, merged onto the current schema, so every
+`config.evals.<name>` field can be overridden on the command line, e.g.
+  --config.evals.zeroshot.dataset=cifar10 --config.evals.zeroshot.templates=clip80
+  --config.evals.retrieval.enabled=True --config.evals.retrieval.dataset=coco_captions
+Results go to <workdir>/eval/step_<N>.json and to the workdir's TensorBoard events at step N.
+The mesh is every local device on the data axis (evaluation needs no parameter sharding to fit
+the models this project trains; override with --config.mesh.*).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def config_from_workdir(workdir: str, step: int | None):
+  """The checkpoint's config merged onto base_config() (new fields keep their defaults)."""
+  from xclip_jax import checkpoint
+  from xclip_jax import config as config_lib
+  config = config_lib.base_config()
+  config_lib.merge_saved(config, checkpoint.load_config(workdir, step).to_dict())
+  config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+  return config
+
+
+def write_results(workdir: str, step: int, results: dict[str, float]) -> str:
+  """<workdir>/eval/step_<N>.json (written atomically) and TensorBoard scalars; process 0 only."""
+  import jax
+  from clu import metric_writers
+  path = os.path.join(workdir, "eval", f"step_{step}.json")
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"step": step, **results}, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  writer = metric_writers.SummaryWriter(workdir)
+  writer.write_scalars(step, results)
+  writer.close()
+  return path
+
+
+def evaluate(config, workdir: str, step: int | None) -> tuple[int, dict[str, float]]:
+  from xclip_jax import checkpoint
+  from xclip_jax.data import tokenizer as tokenizer_lib
+  from xclip_jax.evaluate import runner
+  from xclip_jax.models import two_tower
+  from xclip_jax.parallel import mesh as mesh_lib
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tokenizer = tokenizer_lib.resolve_tokenizer(config)
+  model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
+  step, restored = checkpoint.restore_model(
+      workdir, step, {"params": abstract_params, "model_state": abstract_rest})
+  evaluators = runner.build_evaluators(config, tokenizer, mesh, graphdef)
+  if not evaluators:
+    raise app.UsageError("No evaluator is enabled: set --config.evals.<name>.enabled=True.")
+  return step, runner.run_evaluators(evaluators, restored)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS["config"].value
+  step, results = evaluate(config, _WORKDIR.value, _STEP.value)
+  path = write_results(_WORKDIR.value, step, results)
+  for key in sorted(results):
+    logging.info("%s = %.4g", key, results[key])
+  print(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+  logging.info("Wrote %s.", path)
+
+
+def run():
+  workdir = _flag_value(sys.argv, "workdir")
+  if not workdir:
+    sys.exit("usage: python -m xclip_jax.evaluate --workdir=DIR [--step=N] [--config.evals...]")
+  step = _flag_value(sys.argv, "step")
+  config_flags.DEFINE_config_dict(
+      "config", config_from_workdir(workdir, int(step) if step else None))
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,97 @@
+"""Exact image <-> text retrieval recall (R@1/5/10) over a whole split with several captions per
+image, as CLIP and the retrieval literature report it:
+
+  image -> text: an image counts at k if any of its own captions is among the k best captions.
+  text -> image: a caption counts at k if its image is among the k best images.
+
+Ranks count strictly better candidates, so ties go in the query's favour. The similarity matrix is
+built in row chunks on the host from the gathered embeddings (5k x 25k for COCO fits easily).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+KS = (1, 5, 10)
+
+
+def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray,
+                ks: Sequence[int] = KS, chunk: int = 1024) -> dict[str, float]:
+  """Recall in percent.
+
+  Args:
+    image_emb: [N, D] L2-normalised image embeddings (padding already removed).
+    text_emb: [M, D] L2-normalised caption embeddings.
+    caption_image: [M] index in [0, N) of each caption's image.
+  """
+  image_emb = np.asarray(image_emb, np.float32)
+  text_emb = np.asarray(text_emb, np.float32)
+  caption_image = np.asarray(caption_image)
+  n, m = len(image_emb), len(text_emb)
+  if m == 0 or n == 0:
+    raise ValueError("retrieval needs at least one image and one caption.")
+  if caption_image.min() < 0 or caption_image.max() >= n:
+    raise ValueError("caption_image indexes images outside [0, N).")
+
+  i2t_rank = np.empty(n, np.int64)
+  t2i_rank = np.empty(m, np.int64)
+  for start in range(0, n, chunk):
+    sims = image_emb[start:start + chunk] @ text_emb.T              # [c, M]
+    rows = np.arange(start, start + len(sims))
+    is_own = caption_image[None, :] == rows[:, None]
+    best_own = np.where(is_own, sims, -np.inf).max(axis=1)
+    i2t_rank[rows] = np.sum(sims > best_own[:, None], axis=1)
+  for start in range(0, m, chunk):
+    sims = text_emb[start:start + chunk] @ image_emb.T              # [c, N]
+    cols = np.arange(start, start + len(sims))
+    true = sims[np.arange(len(sims)), caption_image[cols]]
+    t2i_rank[cols] = np.sum(sims > true[:, None], axis=1)
+
+  has_caption = np.bincount(caption_image, minlength=n) > 0
+  results = {}
+  for k in ks:
+    results[f"i2t_r{k}"] = 100.0 * float(np.mean(i2t_rank[has_caption] < k))
+    results[f"t2i_r{k}"] = 100.0 * float(np.mean(t2i_rank < k))
+  return results
+
+
+class RetrievalEvaluator:
+  """R@1/5/10 in both directions on a TFDS split whose examples hold an image and its captions."""
+
+  def __init__(self, name: str, eval_cfg, config, tokenizer, mesh, graphdef):
+    import jax
+    from xclip_jax.data import pipeline  # TensorFlow only where data is read
+    from xclip_jax.parallel import mesh as mesh_lib
+
+    self.name, self._mesh, self._graphdef = name, mesh, graphdef
+    self._batch_size = eval_cfg.batch_size
+    data_dir = eval_cfg.data_dir or config.data.data_dir or None
+    builtin = config.data.builtin if eval_cfg.dataset == config.data.name else None
+    split = eval_cfg.split
+    if eval_cfg.max_examples:
+      split = f"{split}[:{eval_cfg.max_examples}]"
+    captions = pipeline.read_texts(eval_cfg.dataset, split=split, text_key=eval_cfg.text_key,
+                                   data_dir=data_dir, builtin=builtin, image_key=eval_cfg.image_key)
+    self._caption_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    self._ids = tokenizer.encode([c for cs in captions for c in cs],
+                                 config.model.text.context_length)
+    self._dataset = pipeline.make_classification_dataset(
+        eval_cfg.dataset, split=split, image_size=config.model.image.image_size,
+        mean=config.data.mean, std=config.data.std, process_index=jax.process_index(),
+        process_count=jax.process_count(), data_dir=data_dir, builtin=builtin,
+        image_key=eval_cfg.image_key, label_key="",
+        host_batch_size=mesh_lib.batch_size_per_process(eval_cfg.batch_size, mesh))
+
+  def evaluate(self, params, model_state) -> dict[str, float]:
+    from xclip_jax.evaluate import features
+    images = features.image_embeddings(self._dataset.as_numpy_iterator(), self._mesh,
+                                       self._graphdef, params, model_state, keys=("index",))
+    image_emb = np.zeros((len(images["index"]), images["emb"].shape[1]), np.float32)
+    image_emb[images["index"]] = images["emb"]                    # split order
+    text_emb = features.text_embeddings(self._ids, self._batch_size, self._mesh, self._graphdef,
+                                        params, model_state)
+    results = recall_at_k(image_emb, text_emb, self._caption_image)
+    results["images"], results["captions"] = float(len(image_emb)), float(len(text_emb))
+    return {f"{self.name}/{k}": v for k, v in results.items()}
