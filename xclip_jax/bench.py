@@ -78,32 +78,12 @@ def analytic_flops(config, image_views: int, text_views: int) -> float:
   return 3 * config.batch_size * (image_views * image + text_views * text)
 
 
-def synthetic_batch(config, image_views: int, text_views: int, seed: int = 0):
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  b, size, length = config.batch_size, config.model.image.image_size, config.model.text.context_length
-  images = lambda: rng.normal(size=(b, size, size, 3)).astype(np.float32)
-
-  def texts():
-    ids = rng.integers(4, min(config.model.text.vocab_size, 1000), size=(b, length)).astype(np.int32)
-    ends = rng.integers(4, length, size=b)
-    for i, end in enumerate(ends):
-      ids[i, end], ids[i, end + 1:] = 2, 0
-    return ids
-
-  batch = {"image": images(), "text": texts()}
-  if image_views == 2:
-    batch["image2"] = images()
-  if text_views == 2:
-    batch["text_aug"] = texts()
-  return batch
-
-
 def run_benchmark(config, steps: int) -> dict:
   import jax
   from xclip_jax import config as config_lib
   from xclip_jax import optim
   from xclip_jax import train_state as ts
+  from xclip_jax.data import synthetic
   from xclip_jax.models import two_tower
   from xclip_jax.objectives import registry
   from xclip_jax.parallel import mesh as mesh_lib
@@ -121,8 +101,8 @@ def run_benchmark(config, steps: int) -> dict:
   batch_sharding = mesh_lib.batch_sharding(mesh)
   step = ts.jit_train_step(ts.make_train_step(graphdef, tx, schedule, method, config, text_spec),
                            ts.shardings_of(state), batch_sharding, mesh)
-  batch = jax.device_put(synthetic_batch(config, method.image_views, method.text_views),
-                         batch_sharding)
+  batch = jax.device_put(
+      synthetic.global_batch(config, 0, method.image_views, method.text_views), batch_sharding)
 
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):

@@ -19,6 +19,13 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/clip.py:demo.",
     lock_config=True)
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process runtime: auto starts it with the flags below, under SLURM or on a TPU pod.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0 (multi-process runs outside SLURM/TPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, TensorBoard events). Default: "
     "./workdirs/<method>_<variant>; an existing workdir is resumed.")
@@ -44,6 +51,10 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/clip.py:demo")
   from xclip_jax import train  # after flag parsing: keeps `--help` fast
+  from xclip_jax.parallel import multihost
+
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                       _DISTRIBUTED.value)
 
   workdir = _WORKDIR.value or default_workdir(config)
   logging.info("Workdir %s (started %s).", os.path.abspath(workdir),

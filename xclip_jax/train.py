@@ -20,6 +20,7 @@ from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
 from xclip_jax import train_state as ts
 from xclip_jax.data import pipeline
+from xclip_jax.data import synthetic
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.evaluate import runner as eval_runner
 from xclip_jax.models import two_tower
@@ -65,8 +66,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   method = registry.get_method(config.method)
   mesh = mesh_lib.make_mesh(config.mesh)
   host_batch = mesh_lib.batch_size_per_process(config.batch_size, mesh)
-  pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
-  tokenizer = tokenizer_lib.resolve_tokenizer(config)
+  is_synthetic = config.data.name == synthetic.NAME
+  if is_synthetic:
+    tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)
+  else:
+    pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
+    tokenizer = tokenizer_lib.resolve_tokenizer(config)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
                      f"={config.model.text.vocab_size}; raise the latter.")
@@ -103,13 +108,21 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   #  Input pipeline: this process's slice -> host batches -> global arrays
   # ------------------------------------------------------------------------------------------------
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  dataset = pipeline.make_train_dataset(
-      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
-      host_batch_size=host_batch, seed=config.seed + start_step,
-      image_views=method.image_views, text_views=method.text_views)
+  if is_synthetic:
+    dataset = synthetic.host_batches(config, batch_sharding, start_step=start_step,
+                                     image_views=method.image_views, text_views=method.text_views)
+  else:
+    dataset = pipeline.make_train_dataset(
+        config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+        host_batch_size=host_batch, seed=config.seed + start_step,
+        image_views=method.image_views, text_views=method.text_views)
   batches = pipeline.GlobalBatchIterator(dataset, batch_sharding, prefetch=config.data.prefetch)
 
-  evaluators = eval_runner.build_evaluators(config, tokenizer, mesh, graphdef)
+  if is_synthetic:
+    logging.info("Synthetic data: in-loop evaluation is skipped.")
+    evaluators = []
+  else:
+    evaluators = eval_runner.build_evaluators(config, tokenizer, mesh, graphdef)
   logger = metrics_lib.MetricLogger(workdir, total_steps=config.total_steps,
                                     global_batch=config.batch_size)
 

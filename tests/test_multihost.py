@@ -1,0 +1,97 @@
+"""Two processes on localhost (CPU, gloo collectives) against one process with the same 8 devices:
+same loss trajectory; a 2-process checkpoint resumes in 1 process; evaluation matches too."""
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from xclip_jax.parallel import multihost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--config=configs/clip.py:demo", "--config.data.name=synthetic", "--config.batch_size=16",
+        "--config.log_every=1", "--config.optim.warmup_steps=1", "--config.model.embed_dim=16",
+        "--config.model.image.width=32", "--config.model.image.layers=2",
+        "--config.model.image.heads=2", "--config.model.image.patch_size=16",
+        "--config.model.text.width=32", "--config.model.text.layers=2",
+        "--config.model.text.heads=2", "--config.checkpoint.every=2",
+        "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.optim.eps=1e-3"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _run(workdir, steps, processes):
+  args = [sys.executable, "-m", "xclip_jax.main", *TINY, f"--workdir={workdir}",
+          f"--config.total_steps={steps}"]
+  if processes == 1:
+    out = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [out.stderr]
+  port = _free_port()
+  procs = [subprocess.Popen(args + [f"--coordinator_address=localhost:{port}",
+                                    f"--num_processes={processes}", f"--process_id={i}"],
+                            cwd=ROOT, env=_env(8 // processes), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  logs = []
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    logs.append(err)
+  return logs
+
+
+def _losses(workdir):
+  """step -> loss from the TensorBoard events process 0 wrote."""
+  losses = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == "loss":
+          losses[event.step] = float(tf.make_ndarray(value.tensor))
+  return losses
+
+
+def test_auto_mode_stays_single_process_without_a_cluster(monkeypatch):
+  monkeypatch.delenv("SLURM_NTASKS", raising=False)
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+  assert multihost.detected_cluster() is None
+  assert multihost.initialize(mode="auto") is False
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert multihost.detected_cluster() == "slurm"
+  with pytest.raises(ValueError, match="num_processes"):
+    multihost.initialize("localhost:1234", mode="auto")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_across_process_counts(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  logs = _run(two, 4, processes=2)
+  assert "process 1 of 2" in logs[1] and "global batch 16 (8 per process)" in logs[0]
+  _run(one, 4, processes=1)
+  l1, l2 = _losses(one), _losses(two)
+  assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+  np.testing.assert_allclose([l2[s] for s in range(1, 5)], [l1[s] for s in range(1, 5)],
+                             rtol=1e-5)
+  assert l1[1] != l1[4]
+  # The 2-process checkpoint at step 4 resumes in 1 process and continues like the 1-process run.
+  logs = _run(two, 6, processes=1)
+  assert "Resuming from the checkpoint at step 4" in logs[0]
+  _run(one, 6, processes=1)
+  l1, l2 = _losses(one), _losses(two)
+  np.testing.assert_allclose([l2[5], l2[6]], [l1[5], l1[6]], rtol=1e-5)
