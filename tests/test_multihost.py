@@ -95,3 +95,46 @@ def test_two_processes_match_one_and_resume_across_process_counts(tmp_path):
   _run(one, 6, processes=1)
   l1, l2 = _losses(one), _losses(two)
   np.testing.assert_allclose([l2[5], l2[6]], [l1[5], l1[6]], rtol=1e-5)
+
+
+def _evaluate(workdir, processes, extra):
+  args = [sys.executable, "-m", "xclip_jax.evaluate", f"--workdir={workdir}", *extra]
+  port = _free_port()
+  if processes > 1:
+    cmds = [args + [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
+                    f"--process_id={i}"] for i in range(processes)]
+  else:
+    cmds = [args]
+  procs = [subprocess.Popen(c, cwd=ROOT, env=_env(8 // processes), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for c in cmds]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+  import json
+  return json.loads(outs[0][outs[0].index("{"):])
+
+
+@pytest.mark.slow
+def test_evaluation_with_two_processes_equals_one(demo_dir, tmp_path):
+  from tests.test_train import tiny_config
+  from xclip_jax import train
+  workdir = str(tmp_path / "run")
+  config = tiny_config(demo_dir, total_steps=2, **{"checkpoint.every": 2})
+  config.evals.zeroshot.enabled = False
+  config.evals.retrieval.enabled = False
+  train.run(config, workdir)
+  # 37 test images over 2 processes x 4 devices with batch 16: uneven slices and padding.
+  extra = ["--config.evals.zeroshot.enabled=True", "--config.evals.zeroshot.max_examples=37",
+           "--config.evals.zeroshot.batch_size=16", "--config.evals.retrieval.enabled=True",
+           "--config.evals.retrieval.max_examples=37", "--config.evals.retrieval.batch_size=16",
+           "--config.evals.linear_probe.enabled=True", "--config.evals.linear_probe.max_examples=45",
+           "--config.evals.linear_probe.steps=20", "--config.evals.linear_probe.batch_size=16",
+           f"--config.evals.linear_probe.data_dir={demo_dir}"]
+  single = _evaluate(workdir, 1, extra)
+  double = _evaluate(workdir, 2, extra)
+  assert single["zeroshot/examples"] == 37 and single["retrieval/images"] == 37
+  assert single["linear_probe/train_examples"] == 45
+  for key, value in single.items():
+    assert double[key] == pytest.approx(value, rel=1e-5), key

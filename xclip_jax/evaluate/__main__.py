@@ -22,6 +22,11 @@ from ml_collections import config_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Multi-process runtime, as in xclip_jax.main.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -96,6 +101,13 @@ def run():
   if not workdir:
     sys.exit("usage: python -m xclip_jax.evaluate --workdir=DIR [--step=N] [--config.evals...]")
   step = _flag_value(sys.argv, "step")
+  # The runtime must start before Orbax reads the saved config (reading touches JAX), so the
+  # multi-process flags are read here; absl parses (and validates) them again in app.run.
+  from xclip_jax.parallel import multihost
+  multihost.initialize(_flag_value(sys.argv, "coordinator_address") or "",
+                       int(_flag_value(sys.argv, "num_processes") or 0),
+                       int(_flag_value(sys.argv, "process_id") or -1),
+                       _flag_value(sys.argv, "distributed") or "auto")
   config_flags.DEFINE_config_dict(
       "config", config_from_workdir(workdir, int(step) if step else None))
   app.run(main)
