@@ -152,3 +152,41 @@ def test_sigterm_saves_exits_0_and_the_same_command_resumes(demo_dir, tmp_path):
   assert f"Resuming from the checkpoint at step {saved}" in out.stderr
   assert f"step {saved + 1}/{saved + 2}" in out.stderr
   assert checkpoint_steps(workdir) == [saved, saved + 2]
+
+
+def test_nonfinite_step_is_skipped_and_state_kept():
+  config = tiny_config("", **{"model.image.patch_size": 8})
+  mesh = mesh_lib.make_mesh(dict(data=8))
+  state, step = _tiny_state(mesh, config)
+  rng = np.random.RandomState(0)
+  text = rng.randint(4, 200, size=(16, 32)).astype(np.int32)
+  text[:, 9], text[:, 10:] = 2, 0
+  good = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "text": text}
+  bad = dict(good, image=np.where(np.arange(32)[None, :, None, None] == 3, np.nan,
+                                  good["image"]).astype(np.float32))
+  with jax.set_mesh(mesh):
+    state, m = step(state, jax.device_put(good, mesh_lib.batch_sharding(mesh)))
+    before = jax.device_get(state)
+    state, m = step(state, jax.device_put(bad, mesh_lib.batch_sharding(mesh)))
+  after = jax.device_get(state)
+  assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+  for key in ("params", "opt_state", "model_state", "method_state"):
+    for a, b in zip(jax.tree.leaves(after[key]), jax.tree.leaves(before[key])):
+      np.testing.assert_array_equal(a, b)
+  assert int(after["step"]) == 2                           # the batch was consumed
+  with jax.set_mesh(mesh):
+    state, m = step(state, jax.device_put(good, mesh_lib.batch_sharding(mesh)))
+  assert int(m["skipped"]) == 0
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_with_checkpoints_intact(tmp_path):
+  # lr=inf: every update is non-finite (warmup's first lr is 0 * inf = nan) and is skipped.
+  config = tiny_config("", **{"data.name": "synthetic", "optim.lr": float("inf"),
+                              "optim.warmup_steps": 2, "total_steps": 20,
+                              "optim.max_nonfinite_steps": 3})
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match=r"3 consecutive steps \(up to step 3\).*those of step 0.*latest: 2"):
+    train.run(config, workdir)
+  assert checkpoint_steps(workdir) == [2]
+  params = checkpoint.load_params(workdir)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))

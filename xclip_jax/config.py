@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-6
   c.optim.weight_decay = 0.2
   c.optim.grad_clip_norm = 1.0             # global-norm clipping; 0 disables
+  # A step with a non-finite loss or gradient is skipped; this many in a row stop the run (0: never).
+  c.optim.max_nonfinite_steps = 10
   # Parameters whose path contains one of these names get no weight decay (biases, norms, scalars).
   c.optim.no_decay = ("bias", "scale", "logit_scale", "class_embedding")
 

@@ -151,14 +151,37 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   # ------------------------------------------------------------------------------------------------
   last = {}
   step = start_step
+  skipped_total, skipped_streak = 0, 0
   logger.start(step)
   while step < config.total_steps:
     state, metrics = compiled_step(state, batch)
     step += 1
     is_last = step == config.total_steps
 
+    # Non-finite steps were skipped inside the step; count them here. Reading the flag of the
+    # step just dispatched waits for it, which a per-step scalar costs little on any backend.
+    if int(metrics["skipped"]):
+      skipped_total += 1
+      skipped_streak += 1
+      logging.warning("Step %d: non-finite loss or gradients; update skipped (%d in a row).",
+                      step, skipped_streak)
+    else:
+      skipped_streak = 0
+    limit = config.optim.max_nonfinite_steps
+    if limit and skipped_streak >= limit:
+      checkpointer.close()
+      batches.close()
+      logger.close()
+      raise FloatingPointError(
+          f"{skipped_streak} consecutive steps (up to step {step}) had a non-finite loss or "
+          f"gradients; their updates were skipped, so the parameters are those of step "
+          f"{step - skipped_streak}, and the checkpoints under {workdir} are intact (latest: "
+          f"{checkpointer.latest_step()}). Lower config.optim.lr, lengthen warmup, try float32, "
+          f"or check the data; config.optim.max_nonfinite_steps={limit} sets this limit.")
+
     if step % config.log_every == 0 or is_last or step == start_step + 1:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      last["skipped_total"] = float(skipped_total)
       last.update(logger.timing(step))
       if step == start_step + 1:
         last["compile_seconds"] = compile_seconds
@@ -169,7 +192,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       logger.write(step, results)
       last.update(results)
 
-    # Orbax decides from its interval whether this step is saved; preemption forces a save.
+    # Saves on the interval (and at the end); preemption forces a save at this step boundary.
     checkpointer.save(step, state, config, force=is_last or preemption.requested)
     if preemption.requested:
       logging.warning("Saved step %d after SIGTERM; exiting.", step)

@@ -99,7 +99,18 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
       # DeCLIP's YFCC recipes clamp the logit-scale *parameter* after every update.
       params = dict(params, logit_scale=jnp.clip(params["logit_scale"], *scale_range))
 
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+    # A non-finite loss or gradient skips the update: every part of the state but the step
+    # counter and the rng stays as it was (the batch is consumed). The loop counts the skips.
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
+              jnp.isfinite(optax.tree.norm(params)))    # an overflowing update counts too
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_bad(params, state["params"])
+    opt_state = keep_if_bad(opt_state, state["opt_state"])
+    model_state = keep_if_bad(model_state, state["model_state"])
+    method_state = keep_if_bad(method_state, state["method_state"])
+
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32),
                    param_norm=optax.tree.norm(params), lr=schedule(state["step"]))
     if scale is not None:
       metrics["logit_scale"] = scale
