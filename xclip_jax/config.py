@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.std = (0.26862954, 0.26130258, 0.27577711)
   c.data.prefetch = 2                      # global batches kept in flight on the devices
   c.data.num_parallel_calls = -1           # -1: tf.data AUTOTUNE
+  # Resume replays the exact data order of an uninterrupted run (skipping the records already
+  # seen, undecoded); False reseeds instead, which starts instantly on very long runs.
+  c.data.exact_resume = True
   c.data.builtin = True                    # the name is an embedded builder prepared on first use
 
   # ---- tokenizer (SentencePiece) -----------------------------------------------------------------

@@ -47,6 +47,19 @@ class _PreemptionFlag:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _check_writable(workdir: str) -> None:
+  """Creates `workdir` and writes a probe file, so a bad path fails now, not at the first save."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"The workdir {workdir} cannot be written ({e.strerror or e}): pass a writable "
+                  "--workdir (checkpoints, events and eval results go there).") from e
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics.
 
@@ -75,7 +88,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
                      f"={config.model.text.vocab_size}; raise the latter.")
-  os.makedirs(workdir, exist_ok=True)
+  _check_writable(workdir)
   logging.info("Mesh %s; global batch %d (%d per process); %d devices.",
                dict(mesh.shape), config.batch_size, host_batch, jax.device_count())
 
@@ -114,8 +127,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   else:
     dataset = pipeline.make_train_dataset(
         config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
-        host_batch_size=host_batch, seed=config.seed + start_step,
-        image_views=method.image_views, text_views=method.text_views)
+        host_batch_size=host_batch,
+        image_views=method.image_views, text_views=method.text_views,
+        **(dict(start_step=start_step) if config.data.exact_resume
+           else dict(seed=config.seed + start_step)))
   batches = pipeline.GlobalBatchIterator(dataset, batch_sharding, prefetch=config.data.prefetch)
 
   if is_synthetic:

@@ -150,14 +150,17 @@ def process_seed(seed: int, process_index: int) -> int:
 # ---- train ------------------------------------------------------------------------------------
 
 def make_train_dataset(config, tokenizer, *, process_index: int, process_count: int,
-                       host_batch_size: int, seed: int | None = None, image_views: int = 1,
-                       text_views: int = 1) -> tf.data.Dataset:
+                       host_batch_size: int, seed: int | None = None, start_step: int = 0,
+                       image_views: int = 1, text_views: int = 1) -> tf.data.Dataset:
   """Endless batches {"image": float32 [b, S, S, 3], "text": int32 [b, L]} from this process's slice.
 
   image_views=2 adds "image2": both views then use the MoCo v2 augmentation of config.data.
   text_views=2 adds "text_aug": the same caption after one EDA op (data/eda.py).
-  `seed` (default config.seed) fixes every random choice; a resumed run may pass a new one
-  (e.g. config.seed + step) so that it does not replay the batches it already trained on.
+  `seed` (default config.seed) fixes every random choice. `start_step` resumes the stream exactly
+  where an uninterrupted run would be at that step: the shuffled, still-encoded records of the
+  steps before are read and dropped (no decoding; about a second per 100k records), and each
+  example keeps its position-derived augmentation seed. A resumed run that does not need exact
+  replay can instead pass a new `seed` and start_step=0 (config.data.exact_resume=False).
   """
   d = config.data
   size = config.model.image.image_size
@@ -195,7 +198,8 @@ def make_train_dataset(config, tokenizer, *, process_index: int, process_count: 
       out["eda_seed"] = eda_seed[0]
     return out
 
-  ds = ds.enumerate().map(preprocess, num_parallel_calls=parallel)
+  first = start_step * host_batch_size
+  ds = ds.skip(first).enumerate(start=first).map(preprocess, num_parallel_calls=parallel)
   ds = ds.batch(host_batch_size, drop_remainder=True)
 
   def tokenize(texts: np.ndarray) -> np.ndarray:
