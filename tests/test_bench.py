@@ -59,3 +59,15 @@ def test_bench_runs_without_tensorflow(tmp_path):
                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   assert "MFU" in out.stdout
+
+
+def test_compile_only_reports_per_device_memory_and_fsdp_shrinks_it():
+  replicated = _tiny(clip_config)
+  sharded = _tiny(clip_config)
+  sharded.mesh.update(dict(data=1, fsdp=8))
+  a = bench.run_benchmark(replicated, steps=0)
+  b = bench.run_benchmark(sharded, steps=0)
+  assert "step_time_median" not in a                       # nothing was run
+  assert b["param_bytes_per_device"] < 0.5 * a["param_bytes_per_device"]
+  assert b["opt_state_bytes_per_device"] < 0.5 * a["opt_state_bytes_per_device"]
+  assert a["temp_bytes_per_device"] > 0

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step; 0: compile only.")
 _JSON = flags.DEFINE_string("json", "", "Also write the results here.")
 
 # Peak dense TFLOP/s per device (vendor figures, without sparsity).
@@ -112,6 +112,23 @@ def run_benchmark(config, steps: int) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0)) * jax.device_count()   # per-device program
   memory = compiled.memory_analysis()
+  per_device = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree)
+                                for s in x.addressable_shards[:1])
+  result = {
+      "config": f"{config.method}:{config.variant}", "batch_size": config.batch_size,
+      "dtype": config.model.dtype, "remat": config.model.remat, "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+      "compile_seconds": round(compile_seconds, 2),
+      "param_bytes_per_device": per_device(state["params"]),
+      "opt_state_bytes_per_device": per_device(state["opt_state"]),
+  }
+  if memory is not None:
+    result.update(
+        argument_bytes_per_device=memory.argument_size_in_bytes,
+        temp_bytes_per_device=memory.temp_size_in_bytes,      # activations and workspace
+        output_bytes_per_device=memory.output_size_in_bytes)
+  if steps <= 0:
+    return result
 
   state, metrics = compiled(state, batch)                           # warm-up
   jax.block_until_ready(metrics)
@@ -125,23 +142,15 @@ def run_benchmark(config, steps: int) -> dict:
   peak, peak_source = device_peak_tflops(config.model.dtype)
   model_flops = analytic_flops(config, method.image_views, method.text_views)
   achieved = model_flops / step_time / 1e12
-  result = {
-      "config": f"{config.method}:{config.variant}", "batch_size": config.batch_size,
-      "dtype": config.model.dtype, "remat": config.model.remat, "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
-      "compile_seconds": round(compile_seconds, 2), "step_time_median": step_time,
+  result.update({
+      "step_time_median": step_time,
       "step_time_min": min(times), "images_per_sec": config.batch_size / step_time,
       "flops_per_step_model": model_flops,
       "flops_per_step_xla_scan_body_once": xla_flops,
       "achieved_tflops": achieved, "peak_tflops_per_device": peak, "peak_source": peak_source,
       "mfu": achieved / (peak * jax.device_count()),
       "loss": float(metrics["loss"]),
-  }
-  if memory is not None:
-    result.update(
-        argument_bytes_per_device=memory.argument_size_in_bytes,
-        temp_bytes_per_device=memory.temp_size_in_bytes,
-        output_bytes_per_device=memory.output_size_in_bytes)
+  })
   stats = jax.devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
     result["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
@@ -158,8 +167,9 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
     with open(_JSON.value, "w") as f:
       f.write(text + "\n")
-  logging.info("%s: %.3f s/step, %.1f img/s, MFU %.1f%%", result["config"],
-               result["step_time_median"], result["images_per_sec"], 100 * result["mfu"])
+  if "mfu" in result:
+    logging.info("%s: %.3f s/step, %.1f img/s, MFU %.1f%%", result["config"],
+                 result["step_time_median"], result["images_per_sec"], 100 * result["mfu"])
 
 
 if __name__ == "__main__":

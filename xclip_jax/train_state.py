@@ -44,10 +44,14 @@ def init_method_state(method: registry.Method, config: ml_collections.ConfigDict
 def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh, seed: int, method_state: Any = None) -> TrainState:
   """The full train state around already-sharded parameters; optimizer state is created sharded."""
-  # The moments inherit the parameters' shardings through propagation (zeros_like of each leaf).
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
   replicated = mesh_lib.replicated(mesh)
+  # Parameter-shaped leaves (Adam's moments) take their parameter's sharding; counts and other
+  # scalars are replicated. (Left to propagation, jit replicates them: FSDP would save nothing.)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), shardings_of(params),
+      transform_non_params=lambda _: replicated)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = {
       "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
       "params": params,
