@@ -5,6 +5,8 @@ Variants (the part after ':' in --config=configs/clip.py:VARIANT):
   vit_b32  CLIP ViT-B/32 (Radford et al. 2021): 224px, patch 32, width 768 x 12 layers, embed 512,
            text 12 layers x width 512 x 8 heads, context 77.
   vit_b16  the same with 16px patches.
+  vit_l14  CLIP ViT-L/14: width 1024 x 24 layers x 16 heads, patch 14, embed 768, text width 768
+           x 12 layers x 12 heads (size a pod slice with `python -m xclip_jax.bench --steps=0`).
 
 Paper-size variants read the TFDS dataset named in `config.data` (none is bundled: see README).
 Any field can be overridden on the command line: --config.optim.lr=3e-4.
@@ -16,13 +18,18 @@ from xclip_jax import config as cfglib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = cfglib.parse_variant(arg, default="demo", choices=("demo", "vit_b32", "vit_b16"))
+  variant = cfglib.parse_variant(arg, default="demo", choices=("demo", "vit_b32", "vit_b16", "vit_l14"))
   config = cfglib.base_config()
   config.method = "clip"
   config.variant = variant
 
   if variant == "demo":
     cfglib.apply_demo(config)
+  elif variant == "vit_l14":
+    cfglib.apply_paper_clip(config, patch_size=14)
+    config.model.embed_dim = 768
+    config.model.image.update(dict(width=1024, layers=24, heads=16))
+    config.model.text.update(dict(width=768, heads=12))
   else:
     cfglib.apply_paper_clip(config, patch_size=32 if variant == "vit_b32" else 16)
   return config

@@ -52,6 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
       dict(context_length=77, width=512, layers=12, heads=8, mlp_ratio=4.0, vocab_size=32_000,
            causal=True))
 
+  # ---- contrastive loss implementation ----------------------------------------------------------
+  # global: clip_loss over global arrays (XLA partitions it); chunked: explicit shard_map with
+  # all-gathered embeddings and column-chunked logits (O(B/n x chunk) memory; same gradients).
+  c.contrastive = ml_collections.ConfigDict(dict(impl="global", chunk=4096))
+
   # ---- optimiser: AdamW with CLIP's betas, linear warmup + cosine decay -------------------------
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4
@@ -189,6 +194,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.model.{tower}.width={t.width} is not divisible by heads={t.heads}.")
   if c.model.image.image_size % c.model.image.patch_size:
     raise ValueError("config.model.image.image_size must be a multiple of patch_size.")
+  if c.contrastive.impl not in ("global", "chunked"):
+    raise ValueError(f"config.contrastive.impl={c.contrastive.impl!r}: use global or chunked.")
+  if c.contrastive.impl == "chunked" and c.batch_size % min(c.contrastive.chunk, c.batch_size):
+    raise ValueError(f"config.contrastive.chunk={c.contrastive.chunk} must divide "
+                     f"config.batch_size={c.batch_size}.")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype={c.model.dtype!r}: use float32 or bfloat16.")
   if c.model.remat not in ("none", "full", "dots"):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
-from xclip_jax.objectives import clip, declip, mlm, nns
+from xclip_jax.objectives import clip, clip_chunked, declip, mlm, nns
 
 Metrics = dict[str, jax.Array]
 ROWS = P(("data", "fsdp", "tensor"), None)        # a [N, D] array split by rows over every device
@@ -48,8 +48,14 @@ class Method:
 # ---- CLIP ----------------------------------------------------------------------------------------
 
 def _clip_objective(outputs, batch, config, method_state):
-  del batch, config
-  loss, metrics = clip.clip_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"])
+  del batch
+  if config.contrastive.impl == "chunked":
+    loss, metrics = clip_chunked.clip_loss_chunked(
+        outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"],
+        chunk=config.contrastive.chunk)
+  else:
+    loss, metrics = clip.clip_loss(outputs["image_emb"], outputs["text_emb"],
+                                   outputs["logit_scale"])
   return loss, {"clip_loss": loss, **metrics}, method_state
 
 
