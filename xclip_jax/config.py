@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 4096          # global batch, split over the mesh's batch axes (data x fsdp)
   c.log_every = 50
   c.eval_every = 1000          # steps between in-loop evaluations (0: only at the end)
+  # Micro-batches per step (gradient accumulation keeping the global batch as negatives; CLIP).
+  c.accum_steps = 1
   c.dry_run = False            # build everything and compile the step, then stop
 
   # ---- model ------------------------------------------------------------------------------------
@@ -194,6 +196,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.model.{tower}.width={t.width} is not divisible by heads={t.heads}.")
   if c.model.image.image_size % c.model.image.patch_size:
     raise ValueError("config.model.image.image_size must be a multiple of patch_size.")
+  if c.accum_steps < 1 or c.batch_size % c.accum_steps:
+    raise ValueError(f"config.accum_steps={c.accum_steps} must be >= 1 and divide "
+                     f"config.batch_size={c.batch_size}.")
   if c.contrastive.impl not in ("global", "chunked"):
     raise ValueError(f"config.contrastive.impl={c.contrastive.impl!r}: use global or chunked.")
   if c.contrastive.impl == "chunked" and c.batch_size % min(c.contrastive.chunk, c.batch_size):

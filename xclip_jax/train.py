@@ -79,6 +79,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   method = registry.get_method(config.method)
   mesh = mesh_lib.make_mesh(config.mesh)
   host_batch = mesh_lib.batch_size_per_process(config.batch_size, mesh)
+  if config.accum_steps > 1:   # each micro-batch must split over the batch axes too
+    mesh_lib.batch_size_per_process(config.batch_size // config.accum_steps, mesh)
   is_synthetic = config.data.name == synthetic.NAME
   if is_synthetic:
     tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from xclip_jax import accumulate
 from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
 
@@ -81,6 +82,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
   edits token ids (DeCLIP's MLM masking).
   """
   scale_range = tuple(config.model.logit_scale_range)
+  accum_steps = int(config.accum_steps)
+  if accum_steps > 1 and not method.accumulable:
+    raise ValueError(f"config.accum_steps={accum_steps}: gradient accumulation with cached "
+                     f"features supports {sorted(m for m, x in registry.METHODS.items() if x.accumulable)}, "
+                     f"not {method.name!r}.")
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, prepare_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
@@ -95,8 +101,16 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
       return loss, (metrics, outputs.get("logit_scale"), nnx.to_pure_dict(model_state),
                     method_state)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, scale, model_state, method_state)), grads = grad_fn(state["params"])
+    if accum_steps > 1:
+      def loss_of_outputs(outputs):
+        loss, metrics, _ = method.objective(outputs, batch, config, state["method_state"])
+        return loss, metrics
+      (loss, metrics, scale), grads = accumulate.accumulated_value_and_grad(
+          graphdef, state["params"], state["model_state"], batch, accum_steps, loss_of_outputs)
+      model_state, method_state = state["model_state"], state["method_state"]
+    else:
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      (loss, (metrics, scale, model_state, method_state)), grads = grad_fn(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if scale_range:

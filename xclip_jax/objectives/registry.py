@@ -43,6 +43,7 @@ class Method:
   state_specs: Callable[[Any], Any] = lambda config: {}
   image_views: int = 1                            # augmented views per image the data must give
   text_views: int = 1                             # 2: the caption and its EDA variant
+  accumulable: bool = False                       # the loss needs only embeddings + scale
 
 
 # ---- CLIP ----------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def _declip_state(config, rng):
 
 
 METHODS: dict[str, Method] = {
-    "clip": Method("clip", _clip_objective),
+    "clip": Method("clip", _clip_objective, accumulable=True),
     "declip": Method("declip", _declip_objective, prepare=_declip_prepare,
                      init_state=_declip_state,
                      state_specs=lambda config: {"queue": ROWS, "ptr": P()},

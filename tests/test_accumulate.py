@@ -1,0 +1,47 @@
+"""Gradient accumulation with cached features equals the unaccumulated step."""
+
+import jax
+import numpy as np
+import pytest
+
+from xclip_jax import accumulate
+from xclip_jax.parallel import mesh as mesh_lib
+
+from tests.test_train import _tiny_state, tiny_config
+
+
+def test_micro_batches_are_strided_rows_and_round_trip():
+  x = np.arange(12).reshape(12, 1)
+  micro = accumulate.to_micro(x, 3)
+  np.testing.assert_array_equal(micro[1, :, 0], [1, 4, 7, 10])
+  np.testing.assert_array_equal(accumulate.from_micro(micro), x)
+
+
+def test_accumulated_step_equals_the_full_batch_step():
+  rng = np.random.RandomState(0)
+  text = rng.randint(4, 200, size=(32, 32)).astype(np.int32)
+  text[:, 9], text[:, 10:] = 2, 0
+  batch = {"image": rng.normal(size=(32, 32, 32, 3)).astype(np.float32), "text": text}
+  mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2))
+  results = {}
+  for steps in (1, 4):
+    config = tiny_config("", **{"model.image.patch_size": 8, "accum_steps": steps,
+                                "batch_size": 32, "optim.eps": 1e-3})
+    state, step = _tiny_state(mesh, config)
+    with jax.set_mesh(mesh):
+      for _ in range(2):
+        state, m = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
+    results[steps] = (float(m["loss"]), float(m["grad_norm"]), jax.device_get(state["params"]))
+  np.testing.assert_allclose(results[4][:2], results[1][:2], rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(results[4][2]), jax.tree.leaves(results[1][2])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_methods_without_cacheable_losses_are_refused():
+  import configs.declip as declip_config
+  from xclip_jax import train_state as ts
+  from xclip_jax.objectives import registry
+  c = declip_config.get_config("demo")
+  c.accum_steps = 2
+  with pytest.raises(ValueError, match="accum_steps=2.*'declip'"):
+    ts.make_train_step(None, None, None, registry.get_method("declip"), c)

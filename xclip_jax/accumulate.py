@@ -1,0 +1,69 @@
+"""Gradient accumulation that keeps the whole global batch as contrastive negatives.
+
+open_clip's accum-freq scheme: pass 1 computes every micro-batch's embeddings without gradients;
+pass 2, micro-batch by micro-batch, recomputes that micro-batch's embeddings with gradients and
+evaluates the loss over the full batch with the other rows taken from the cache. Summing these
+gradients gives exactly the gradient of the full-batch loss, since dL/dθ = Σ_k ∂L/∂f_k · df_k/dθ
+with every ∂L/∂f_k at the cached (equal) values. Activations are held for one micro-batch at a
+time; each micro-batch is encoded twice.
+
+Micro-batch k is rows k, k + K, k + 2K, ... so every device keeps feeding its own rows: no data
+moves between devices. The logit scale enters the loss directly as well as through the
+embeddings, so its direct gradient is taken from the first micro-batch's pass only.
+Only methods whose loss needs nothing but per-example embeddings and the scale qualify (CLIP).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+EMBEDDING_KEYS = ("image_emb", "text_emb")
+
+
+def to_micro(x: jax.Array, steps: int) -> jax.Array:
+  """[B, ...] -> [K, B/K, ...]: micro-batch k holds rows k, k + K, ..."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
+
+
+def from_micro(x: jax.Array) -> jax.Array:
+  """Inverse of `to_micro`."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+def accumulated_value_and_grad(graphdef: Any, params: Any, model_state: Any,
+                               batch: dict[str, jax.Array], steps: int,
+                               loss_of_outputs: Callable[[dict[str, jax.Array]], tuple]):
+  """((loss, metrics), grads) of loss_of_outputs(model outputs of the whole batch)."""
+  micro = jax.tree.map(lambda x: to_micro(x, steps), batch)
+
+  def embed(params, micro_batch):
+    out = nnx.merge(graphdef, params, model_state)(micro_batch, train=True)
+    return {k: out[k] for k in EMBEDDING_KEYS}, out["logit_scale"]
+
+  # Pass 1: every micro-batch's embeddings, no gradients.
+  cached, scales = jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro)
+  cached = jax.tree.map(jax.lax.stop_gradient, cached)
+  scale = scales[0]
+
+  def micro_loss(params, k, micro_batch):
+    fresh, fresh_scale = embed(params, micro_batch)
+    outputs = {key: from_micro(cached[key].at[k].set(fresh[key])) for key in EMBEDDING_KEYS}
+    outputs["logit_scale"] = jnp.where(k == 0, fresh_scale, jax.lax.stop_gradient(fresh_scale))
+    return loss_of_outputs(outputs)[0]
+
+  # Pass 2: each micro-batch's share of the full-batch gradient.
+  def body(grads, k_and_batch):
+    k, micro_batch = k_and_batch
+    g = jax.grad(micro_loss)(params, k, micro_batch)
+    return jax.tree.map(jnp.add, grads, g), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(body, zeros, (jnp.arange(steps), micro))
+  full = {key: from_micro(cached[key]) for key in EMBEDDING_KEYS}
+  full["logit_scale"] = scale
+  loss, metrics = loss_of_outputs(full)
+  return (loss, metrics, full["logit_scale"]), grads
