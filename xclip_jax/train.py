@@ -49,12 +49,13 @@ class _PreemptionFlag:
 
 def _check_writable(workdir: str) -> None:
   """Creates `workdir` and writes a probe file, so a bad path fails now, not at the first save."""
+  from etils import epath  # Orbax's path library: local paths and gs:// alike
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_probe_{os.getpid()}_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
     raise OSError(f"The workdir {workdir} cannot be written ({e.strerror or e}): pass a writable "
                   "--workdir (checkpoints, events and eval results go there).") from e

@@ -52,17 +52,18 @@ def write_results(workdir: str, step: int, results: dict[str, float]) -> str:
   """<workdir>/eval/step_<N>.json (written atomically) and TensorBoard scalars; process 0 only."""
   import jax
   from clu import metric_writers
-  path = os.path.join(workdir, "eval", f"step_{step}.json")
+  from etils import epath  # local paths and gs:// alike
+  path = epath.Path(workdir) / "eval" / f"step_{step}.json"
   if jax.process_index() != 0:
-    return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"step": step, **results}, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+    return str(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+  tmp.rename(path)
   writer = metric_writers.SummaryWriter(workdir)
   writer.write_scalars(step, results)
   writer.close()
-  return path
+  return str(path)
 
 
 def evaluate(config, workdir: str, step: int | None) -> tuple[int, dict[str, float]]:
