@@ -136,6 +136,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.declip.projector_dim = 1024
   c.declip.predictor_hidden = 512          # SimSiam predictor: projector_dim -> 512 -> projector_dim
 
+  # ---- nCLIP / xCLIP (method nclip or xclip); see objectives/nclip.py for each choice's reason --
+  c.nclip = ml_collections.ConfigDict()
+  c.nclip.prototypes = 32_768              # K, the paper recipe's prototype count
+  c.nclip.hidden = 2048                    # DINO-style head: MLP width,
+  c.nclip.bottleneck = 256                 #   bottleneck before the prototypes,
+  c.nclip.layers = 3                       #   and depth
+  c.nclip.shared_prototypes = True         # p_v and p_t must index the same clusters to agree
+  c.nclip.image_temp = 0.1                 # DINO student / MSN anchor temperature
+  c.nclip.text_temp = 0.1
+  c.nclip.target_temp = 0.05               # sharpened targets (DINO teacher 0.04-0.07)
+  c.nclip.stop_gradient_targets = True     # targets are constants, as in DINO/MSN/SwAV
+  c.nclip.sharp_weight = 0.1               # per-sample entropy; 1.0 overpowers smoothness (tests)
+  c.nclip.smooth_weight = 1.0              # log K - H(mean p) (MSN memax_weight default)
+  c.nclip.clip_weight = 0.3                # xCLIP: w_clip * CLIP + w_nclip * nCLIP (0.3 / 0.7,
+  c.nclip.nclip_weight = 0.7               #   a third-party summary of the paper)
+
+  # ---- SigLIP -----------------------------------------------------------------------------------
+  c.siglip = ml_collections.ConfigDict(dict(
+      temperature_init=math.log(10.0), bias_init=-10.0,
+      impl="global"))                      # global | ring (shard_map ppermute of text chunks)
+
+  # ---- SLIP -------------------------------------------------------------------------------------
+  c.slip = ml_collections.ConfigDict(dict(ssl_weight=1.0, ssl_temperature=0.1, mlp_dim=4096,
+                                          embed_dim=256))
+
   # ---- checkpoints ------------------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
   return c

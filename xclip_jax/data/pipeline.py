@@ -155,6 +155,7 @@ def make_train_dataset(config, tokenizer, *, process_index: int, process_count: 
   """Endless batches {"image": float32 [b, S, S, 3], "text": int32 [b, L]} from this process's slice.
 
   image_views=2 adds "image2": both views then use the MoCo v2 augmentation of config.data.
+  image_views=3 keeps CLIP's "image" and adds two MoCo v2 views "image2", "image3" (SLIP).
   text_views=2 adds "text_aug": the same caption after one EDA op (data/eda.py).
   `seed` (default config.seed) fixes every random choice. `start_step` resumes the stream exactly
   where an uninterrupted run would be at that step: the shuffled, still-encoded records of the
@@ -188,12 +189,15 @@ def make_train_dataset(config, tokenizer, *, process_index: int, process_count: 
         tf.random.experimental.stateless_split(tf.stack([base_seed, index]), 4))
     image_bytes = get_numpy_field(example, d.image_key)
     out = {"text": get_field(example, d.text_key, text_seed)}
-    if image_views == 2:
+    if image_views == 2:      # DeCLIP: both views augmented
       out["image"], out["image2"] = view(image_bytes, image_seed), view(image_bytes, image2_seed)
-    else:
+    else:                     # CLIP's view, plus (SLIP) two augmented self-supervised views
       out["image"] = image_lib.train_transform(
           image_bytes, image_seed, size=size, scale=tuple(d.crop_scale), flip=d.flip,
           mean=tuple(d.mean), std=tuple(d.std))
+      if image_views == 3:
+        seed2, seed3 = tf.unstack(tf.random.experimental.stateless_split(image2_seed, 2))
+        out["image2"], out["image3"] = view(image_bytes, seed2), view(image_bytes, seed3)
     if text_views == 2:
       out["eda_seed"] = eda_seed[0]
     return out

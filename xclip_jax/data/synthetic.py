@@ -41,8 +41,8 @@ def make_row(config, seed: int, step: int, row: int, image_views: int = 1,
     return ids
 
   out = {"image": rng.normal(size=(size, size, 3)).astype(np.float32), "text": text()}
-  if image_views == 2:
-    out["image2"] = rng.normal(size=(size, size, 3)).astype(np.float32)
+  for view in range(2, image_views + 1):          # image2 (DeCLIP), image2 + image3 (SLIP)
+    out[f"image{view}"] = rng.normal(size=(size, size, 3)).astype(np.float32)
   if text_views == 2:
     out["text_aug"] = text()
   return out

@@ -72,3 +72,40 @@ class MLMHead(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.linear(tokens)
+
+
+class PrototypeHead(nnx.Module):
+  """DINO-style head: MLP (GELU) -> bottleneck -> L2-normalise; logits are cosine similarities
+  with K weight-normalised prototypes (`prototypes` may be shared with another head)."""
+
+  def __init__(self, in_dim: int, hidden: int, bottleneck: int, layers: int, *, dtype: Any,
+               rngs: nnx.Rngs):
+    dims = (in_dim,) + (hidden,) * (layers - 1) + (bottleneck,)
+    self.linears = nnx.List([dense(a, b, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
+                             for a, b in zip(dims[:-1], dims[1:])])
+
+  def __call__(self, x: jax.Array, prototypes: jax.Array) -> jax.Array:
+    for i, linear in enumerate(self.linears):
+      x = linear(x)
+      if i < len(self.linears) - 1:
+        x = jax.nn.gelu(x, approximate=False)
+    x = x.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    w = prototypes / jnp.maximum(jnp.linalg.norm(prototypes, axis=0, keepdims=True), 1e-6)
+    return x @ w
+
+
+class SimCLRHead(nnx.Module):
+  """SLIP's SSL projection: Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear (4096-4096-256)."""
+
+  def __init__(self, in_dim: int, hidden: int, out_dim: int, *, dtype: Any, rngs: nnx.Rngs):
+    self.fc1 = dense(in_dim, hidden, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.bn1 = batch_norm(hidden, rngs=rngs)
+    self.fc2 = dense(hidden, hidden, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.bn2 = batch_norm(hidden, rngs=rngs)
+    self.fc3 = dense(hidden, out_dim, names=("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = jax.nn.relu(self.bn1(self.fc1(x), use_running_average=not train))
+    x = jax.nn.relu(self.bn2(self.fc2(x), use_running_average=not train))
+    return self.fc3(x)

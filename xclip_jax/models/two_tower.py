@@ -61,12 +61,22 @@ class TwoTower(nnx.Module):
     text = self.text(batch["text"])
     return dict(image_emb=l2_normalize(image["embed"]), text_emb=l2_normalize(text["embed"]),
                 logit_scale=self.scale(), image_pooled=image["pooled"],
-                text_tokens=text["tokens"])
+                text_pooled=text["pooled"], text_tokens=text["tokens"])
 
 
 def build_model(config: ml_collections.ConfigDict, *, eos_id: int, seed: int) -> TwoTower:
   """The model config.method needs (towers + that method's heads), initialised from `seed`."""
+  rngs = nnx.Rngs(seed)
   if config.method == "declip":
-    from xclip_jax.models import declip  # local: declip builds on this module
-    return declip.DeclipModel(config.model, config.declip, eos_id=eos_id, rngs=nnx.Rngs(seed))
+    from xclip_jax.models import declip  # local: these build on this module
+    return declip.DeclipModel(config.model, config.declip, eos_id=eos_id, rngs=rngs)
+  if config.method in ("nclip", "xclip"):
+    from xclip_jax.models import nclip
+    return nclip.NclipModel(config.model, config.nclip, eos_id=eos_id, rngs=rngs)
+  if config.method == "siglip":
+    from xclip_jax.models import siglip
+    return siglip.SiglipModel(config.model, config.siglip, eos_id=eos_id, rngs=rngs)
+  if config.method == "slip":
+    from xclip_jax.models import slip
+    return slip.SlipModel(config.model, config.slip, eos_id=eos_id, rngs=rngs)
   return TwoTower(config.model, eos_id=eos_id, rngs=nnx.Rngs(seed))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
-from xclip_jax.objectives import clip, clip_chunked, declip, mlm, nns
+from xclip_jax.objectives import clip, clip_chunked, declip, mlm, nclip, nns, siglip, simclr
 
 Metrics = dict[str, jax.Array]
 ROWS = P(("data", "fsdp", "tensor"), None)        # a [N, D] array split by rows over every device
@@ -83,12 +83,72 @@ def _declip_state(config, rng):
   return nns.init_queue(rng, config.declip.queue_size, config.model.embed_dim)
 
 
+# ---- nCLIP / xCLIP -------------------------------------------------------------------------------
+
+def _nclip_terms(outputs, config):
+  c = config.nclip
+  return nclip.nclip_loss(outputs["image_proto_logits"], outputs["text_proto_logits"],
+                          image_temp=c.image_temp, text_temp=c.text_temp,
+                          target_temp=c.target_temp, stop_gradient_targets=c.stop_gradient_targets,
+                          sharp_weight=c.sharp_weight, smooth_weight=c.smooth_weight)
+
+
+def _nclip_objective(outputs, batch, config, method_state):
+  del batch
+  loss, metrics = _nclip_terms(outputs, config)
+  # CLIP's loss is logged (not trained) so that zero-shot behaviour can be followed.
+  clip_value, _ = clip.clip_loss(jax.lax.stop_gradient(outputs["image_emb"]),
+                                 jax.lax.stop_gradient(outputs["text_emb"]),
+                                 jax.lax.stop_gradient(outputs["logit_scale"]))
+  return loss, {"nclip_loss": loss, "clip_loss_untrained": clip_value, **metrics}, method_state
+
+
+def _xclip_objective(outputs, batch, config, method_state):
+  del batch
+  nclip_value, metrics = _nclip_terms(outputs, config)
+  clip_value, clip_metrics = clip.clip_loss(outputs["image_emb"], outputs["text_emb"],
+                                            outputs["logit_scale"])
+  loss = config.nclip.clip_weight * clip_value + config.nclip.nclip_weight * nclip_value
+  return loss, {"clip_loss": clip_value, "nclip_loss": nclip_value, **clip_metrics,
+                **metrics}, method_state
+
+
+# ---- SigLIP, SLIP --------------------------------------------------------------------------------
+
+def _siglip_objective(outputs, batch, config, method_state):
+  del batch
+  # The model's `scale()` is exp(t') clamped at logit_scale_max: SigLIP's temperature t.
+  t, b = outputs["logit_scale"], outputs["logit_bias"]
+  _, metrics = siglip.siglip_loss(jax.lax.stop_gradient(outputs["image_emb"]),
+                                  jax.lax.stop_gradient(outputs["text_emb"]), t, b)
+  if config.siglip.impl == "ring":
+    loss = siglip.siglip_loss_ring(outputs["image_emb"], outputs["text_emb"], t, b)
+  else:
+    loss, _ = siglip.siglip_loss(outputs["image_emb"], outputs["text_emb"], t, b)
+  return loss, {"siglip_loss": loss, "logit_bias": b, **metrics}, method_state
+
+
+def _slip_objective(outputs, batch, config, method_state):
+  del batch
+  clip_value, metrics = clip.clip_loss(outputs["image_emb"], outputs["text_emb"],
+                                       outputs["logit_scale"])
+  ssl_value, ssl_metrics = simclr.nt_xent_loss(outputs["ssl_z1"], outputs["ssl_z2"],
+                                               config.slip.ssl_temperature)
+  loss = clip_value + config.slip.ssl_weight * ssl_value
+  return loss, {"clip_loss": clip_value, "ssl_loss": ssl_value, **metrics, **ssl_metrics}, \
+      method_state
+
+
 METHODS: dict[str, Method] = {
     "clip": Method("clip", _clip_objective, accumulable=True),
     "declip": Method("declip", _declip_objective, prepare=_declip_prepare,
                      init_state=_declip_state,
                      state_specs=lambda config: {"queue": ROWS, "ptr": P()},
                      image_views=2, text_views=2),
+    "nclip": Method("nclip", _nclip_objective),
+    "xclip": Method("xclip", _xclip_objective),
+    "siglip": Method("siglip", _siglip_objective),
+    "slip": Method("slip", _slip_objective, image_views=3),
 }
 
 
