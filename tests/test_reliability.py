@@ -89,3 +89,31 @@ def test_unwritable_workdir_is_a_clear_error_before_compiling(demo_dir, tmp_path
   blocker.write_text("not a directory")
   with pytest.raises(OSError, match="cannot be written"):
     train.run(tiny_config(demo_dir), str(blocker / "run"))
+
+
+def _limit_file_size(limit_bytes):
+  """preexec_fn: writes past `limit_bytes` fail with EFBIG (as on a full disk), not SIGXFSZ."""
+  def apply():
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+  return apply
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_a_clear_error_and_promotes_no_checkpoint(demo_dir, tmp_path):
+  workdir = tmp_path / "run"
+  cmd = _main_command(workdir, demo_dir, 4) + ["--config.checkpoint.every=2"]
+  # Large enough for the tokenizer, logs and events; too small for any checkpoint's arrays.
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=_limit_file_size(16 * 1024))
+  assert out.returncode != 0
+  assert "Writing a checkpoint" in out.stderr and "failed" in out.stderr, out.stderr[-3000:]
+  manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
+                                  item_names=("state", "config"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  assert manager.all_steps() == []
+  # With space again, the same command trains from scratch and saves.
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert checkpoint_steps(workdir) == [2, 4]

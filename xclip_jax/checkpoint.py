@@ -22,9 +22,14 @@ STATE, CONFIG = "state", "config"
 
 def checkpoint_dir(workdir: str) -> str:
   """<workdir>/checkpoints; workdirs may be local paths or URLs such as gs://bucket/run."""
+  workdir = str(workdir)
   if "://" in workdir:
     return workdir.rstrip("/") + "/checkpoints"
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions, ...); earlier ones are intact."""
 
 
 class Checkpointer:
@@ -36,8 +41,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
+    self._directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_names=(STATE, CONFIG))
+        self._directory, options=options, item_names=(STATE, CONFIG))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -47,9 +53,27 @@ class Checkpointer:
     """Saves if `step` is a multiple of `every` (or `force`); returns whether a save started."""
     if not force and (self._every <= 0 or step % self._every):
       return False
-    return self._manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        CONFIG: ocp.args.JsonSave(config.to_dict())}), force=True)
+    with self._explained(f"step {step}"):
+      return self._manager.save(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardSave(state),
+          CONFIG: ocp.args.JsonSave(config.to_dict())}), force=True)
+
+  def _explained(self, what: str):
+    """Turns any failure of Orbax's (possibly asynchronous) writing into one clear error."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def context():
+      try:
+        yield
+      except Exception as e:  # noqa: BLE001  (Orbax raises many types; re-raised below)
+        steps = self._manager.all_steps(read=True)
+        raise CheckpointWriteError(
+            f"Writing a checkpoint ({what}) under {self._directory} failed: {e!r}. Unfinished "
+            f"checkpoints are never promoted; the complete ones are intact "
+            f"({sorted(steps) or 'none'}). Free space or fix the workdir, then run the same "
+            "command again to resume from the latest complete checkpoint.") from e
+    return context()
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
@@ -58,10 +82,12 @@ class Checkpointer:
     return restored[STATE]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._explained("finishing an asynchronous save"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._explained("finishing an asynchronous save"):
+      self._manager.wait_until_finished()
     self._manager.close()
 
 
