@@ -60,7 +60,7 @@ def test_sigkill_during_async_saves_leaves_only_complete_checkpoints(demo_dir, t
   for kill_after in (8,):                 # steps logged before the kill; saves run every step
     with open(log, "w") as f:
       proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while log.read_text().count("] step ") < kill_after:
       assert proc.poll() is None, log.read_text()[-3000:]
       assert time.time() < deadline
@@ -79,7 +79,7 @@ def test_sigkill_during_async_saves_leaves_only_complete_checkpoints(demo_dir, t
   # And the run resumes from the newest complete one.
   newest = max(steps)
   out = subprocess.run(_main_command(workdir, demo_dir, newest + 1), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"Resuming from the checkpoint at step {newest}" in out.stderr
 
@@ -105,7 +105,7 @@ def test_a_full_disk_is_a_clear_error_and_promotes_no_checkpoint(demo_dir, tmp_p
   workdir = tmp_path / "run"
   cmd = _main_command(workdir, demo_dir, 4) + ["--config.checkpoint.every=2"]
   # Large enough for the tokenizer, logs and events; too small for any checkpoint's arrays.
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        preexec_fn=_limit_file_size(16 * 1024))
   assert out.returncode != 0
   assert "Writing a checkpoint" in out.stderr and "failed" in out.stderr, out.stderr[-3000:]
@@ -114,6 +114,6 @@ def test_a_full_disk_is_a_clear_error_and_promotes_no_checkpoint(demo_dir, tmp_p
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   assert manager.all_steps() == []
   # With space again, the same command trains from scratch and saves.
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert checkpoint_steps(workdir) == [2, 4]

@@ -59,7 +59,7 @@ def write_results(workdir: str, step: int, results: dict[str, float]) -> str:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
-  tmp.rename(path)
+  tmp.replace(path)      # atomic; overwrites an earlier evaluation of this step
   writer = metric_writers.SummaryWriter(workdir)
   writer.write_scalars(step, results)
   writer.close()
