@@ -15,8 +15,6 @@ import ml_collections
 
 from xclip_jax import config as cfglib
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = cfglib.parse_variant(arg, default="demo", choices=("demo", "vit_b32"))
@@ -41,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            weight_decay=0.1, grad_clip_norm=0.0))
   config.data.name = "yfcc15m"                 # prepare it yourself: see README 'Your own data'
   config.data.text_key = "caption"
-  config.data.mean, config.data.std = IMAGENET_MEAN, IMAGENET_STD
+  config.data.mean, config.data.std = cfglib.IMAGENET_MEAN, cfglib.IMAGENET_STD
   config.data.view_crop_scale = (0.2, 1.0)
   config.data.flip = True
   config.declip.queue_size = 65_536

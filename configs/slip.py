@@ -8,8 +8,6 @@ import ml_collections
 
 from xclip_jax import config as cfglib
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = cfglib.parse_variant(arg, default="demo", choices=("demo", "vit_b16"))
@@ -24,6 +22,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfglib.apply_paper_clip(config, patch_size=16)
   config.batch_size = 4096
   config.optim.update(dict(lr=3e-3, weight_decay=0.1, eps=1e-8))
-  config.data.mean, config.data.std = IMAGENET_MEAN, IMAGENET_STD
+  config.data.mean, config.data.std = cfglib.IMAGENET_MEAN, cfglib.IMAGENET_STD
   config.data.crop_scale = (0.5, 1.0)
   return config

@@ -103,21 +103,27 @@ def _resolve_step(manager: ocp.CheckpointManager, workdir: str, step: int | None
   return step
 
 
-def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """The model parameters of a checkpoint as nested dicts of numpy arrays. No mesh needed.
-
-  Reads only the `params` subtree (optimizer moments are skipped), onto the host.
-  """
+def _read_subtrees(workdir: str, step: int | None, make_target, make_restore_arg
+                   ) -> tuple[int, dict]:
+  """(step, the subtrees `make_target(stored tree)` names of a checkpoint's state), read alone."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = _resolve_step(manager, workdir, step)
   path = f"{checkpoint_dir(workdir)}/{step}/{STATE}"
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  target = {"params": tree["params"]}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  target = make_target(checkpointer.metadata(path).item_metadata.tree)
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
+      item=target, restore_args=jax.tree.map(make_restore_arg, target), partial_restore=True))
+  return step, restored
+
+
+def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """The model parameters of a checkpoint as nested dicts of numpy arrays. No mesh needed.
+
+  Reads only the `params` subtree (optimizer moments are skipped), onto the host.
+  """
+  _, restored = _read_subtrees(workdir, step, lambda tree: {"params": tree["params"]},
+                               lambda _: ocp.RestoreArgs(restore_type=np.ndarray))
   return restored["params"]
 
 
@@ -125,18 +131,10 @@ def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> t
   """(step, {"params": ..., "model_state": ...}) restored into the shapes and shardings of
   `abstract` (ShapeDtypeStructs with shardings, e.g. from mesh.abstract_model); the optimizer
   state is not read. The mesh may differ from the one the run trained on."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = _resolve_step(manager, workdir, step)
-  path = f"{checkpoint_dir(workdir)}/{step}/{STATE}"
-  checkpointer = ocp.PyTreeCheckpointer()
-  stored = checkpointer.metadata(path).item_metadata.tree
-  target = {k: abstract[k] for k in ("params", "model_state") if k in stored}
-  restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-      target)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
+  step, restored = _read_subtrees(
+      workdir, step,
+      lambda stored: {k: abstract[k] for k in ("params", "model_state") if k in stored},
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype))
   restored.setdefault("model_state", {})
   return step, restored
 

@@ -170,32 +170,38 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   last = {}
   step = start_step
   skipped_total, skipped_streak = 0, 0
+  unread = []          # (step, metrics) whose skip flag the host has not read yet
   logger.start(step)
   while step < config.total_steps:
     state, metrics = compiled_step(state, batch)
     step += 1
     is_last = step == config.total_steps
 
-    # Non-finite steps were skipped inside the step; count them here. Reading the flag of the
-    # step just dispatched waits for it, which a per-step scalar costs little on any backend.
-    if int(metrics["skipped"]):
-      skipped_total += 1
-      skipped_streak += 1
-      logging.warning("Step %d: non-finite loss or gradients; update skipped (%d in a row).",
-                      step, skipped_streak)
-    else:
-      skipped_streak = 0
-    limit = config.optim.max_nonfinite_steps
-    if limit and skipped_streak >= limit:
-      checkpointer.close()
-      batches.close()
-      logger.close()
-      raise FloatingPointError(
-          f"{skipped_streak} consecutive steps (up to step {step}) had a non-finite loss or "
-          f"gradients; their updates were skipped, so the parameters are those of step "
-          f"{step - skipped_streak}, and the checkpoints under {workdir} are intact (latest: "
-          f"{checkpointer.latest_step()}). Lower config.optim.lr, lengthen warmup, try float32, "
-          f"or check the data; config.optim.max_nonfinite_steps={limit} sets this limit.")
+    # Non-finite steps were skipped inside the step; count them here. The flag read is the
+    # previous step's (already finished while this one is queued), so the host never stalls the
+    # device pipeline; the last step's flag is read at once.
+    unread.append((step, metrics))
+    while len(unread) > (0 if is_last else 1):
+      flagged_step, flagged = unread.pop(0)
+      if int(flagged["skipped"]):
+        skipped_total += 1
+        skipped_streak += 1
+        logging.warning("Step %d: non-finite loss or gradients; update skipped (%d in a row).",
+                        flagged_step, skipped_streak)
+      else:
+        skipped_streak = 0
+      limit = config.optim.max_nonfinite_steps
+      if limit and skipped_streak >= limit:
+        checkpointer.close()
+        batches.close()
+        logger.close()
+        raise FloatingPointError(
+            f"{skipped_streak} consecutive steps (up to step {flagged_step}) had a non-finite "
+            f"loss or gradients; their updates were skipped, so the parameters are those of "
+            f"step {flagged_step - skipped_streak}, and the checkpoints under {workdir} are "
+            f"intact (latest: {checkpointer.latest_step()}). Lower config.optim.lr, lengthen "
+            f"warmup, try float32, or check the data; config.optim.max_nonfinite_steps={limit} "
+            "sets this limit.")
 
     if step % config.log_every == 0 or is_last or step == start_step + 1:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
