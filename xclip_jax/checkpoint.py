@@ -140,9 +140,18 @@ def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> t
 
 
 def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-  """The config a checkpoint was trained with."""
+  """The config a checkpoint was trained with, as saved (see `saved_config` for the full schema)."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = _resolve_step(manager, workdir, step)
   restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
   return ml_collections.ConfigDict(restored[CONFIG])
+
+
+def saved_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The checkpoint's config merged onto today's `base_config()`: fields added since the run
+  was saved keep their defaults, so every current field can be read and overridden."""
+  from xclip_jax import config as config_lib  # noqa: PLC0415  (config imports nothing from here)
+  config = config_lib.base_config()
+  config_lib.merge_saved(config, load_config(workdir, step).to_dict())
+  return config

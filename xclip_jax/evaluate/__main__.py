@@ -41,9 +41,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 def config_from_workdir(workdir: str, step: int | None):
   """The checkpoint's config merged onto base_config() (new fields keep their defaults)."""
   from xclip_jax import checkpoint
-  from xclip_jax import config as config_lib
-  config = config_lib.base_config()
-  config_lib.merge_saved(config, checkpoint.load_config(workdir, step).to_dict())
+  config = checkpoint.saved_config(workdir, step)
   config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   return config
 
