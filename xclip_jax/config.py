@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Micro-batches per step (gradient accumulation keeping the global batch as negatives; CLIP).
   c.accum_steps = 1
   c.dry_run = False            # build everything and compile the step, then stop
+  # A workdir (or <workdir>/checkpoints/<step>) whose model parameters start a fresh run (step 0,
+  # new optimizer state): fine-tuning, e.g. of a model imported by xclip_jax.interop.convert.
+  c.init_from = ""
 
   # ---- model ------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -105,9 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
   # seen, undecoded); False reseeds instead, which starts instantly on very long runs.
   c.data.exact_resume = True
   c.data.builtin = True                    # the name is an embedded builder prepared on first use
+  # Bad records (undecodable image, empty caption, too many pixels) are dropped and counted
+  # (data/* metrics). Each step decodes batch + spare_records records so that dropped ones are
+  # replaced without repeating rows; 0 refills a dropped row's slot from the same batch.
+  c.data.spare_records = 0
+  c.data.max_image_pixels = 89_478_485     # skip larger JPEG/PNG before decoding (0 = no limit)
 
-  # ---- tokenizer (SentencePiece) -----------------------------------------------------------------
+  # ---- tokenizer (SentencePiece, or OpenAI's BPE for imported models) ---------------------------
   c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "sentencepiece"       # sentencepiece | clip_bpe (path = OpenAI's merges file)
   c.tokenizer.path = ""                    # "" -> <data_dir>/<dataset>/spm_<vocab>.model
   c.tokenizer.train_if_missing = False     # the demo trains it on first use from the captions
 

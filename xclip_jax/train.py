@@ -12,10 +12,13 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
 
 from xclip_jax import checkpoint as ckpt_lib
 from xclip_jax import config as config_lib
+from xclip_jax import finetune
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
 from xclip_jax import train_state as ts
@@ -59,6 +62,19 @@ def _check_writable(workdir: str) -> None:
   except OSError as e:
     raise OSError(f"The workdir {workdir} cannot be written ({e.strerror or e}): pass a writable "
                   "--workdir (checkpoints, events and eval results go there).") from e
+
+
+def _data_counters(batches: pipeline.GlobalBatchIterator) -> dict[str, float]:
+  """Bad-record counters of the input pipeline since this run (re)started, summed over processes:
+  data/<reason> for dropped records, data/duplicated, data/caption_truncated, ... (pipeline.py)."""
+  counters = batches.data_counters()
+  if not counters:
+    return {}
+  names = sorted(counters)
+  values = np.array([counters[k] for k in names], np.int64)
+  if jax.process_count() > 1:   # every process logs at the same steps: a collective is safe
+    values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(names)).sum(0)
+  return {f"data/{k}": float(v) for k, v in zip(names, values)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -110,10 +126,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
                                        keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
+  if checkpointer.latest_step() == 0:     # runs save from step 1 on; only an import writes 0
+    checkpointer.close()
+    raise ValueError(f"{workdir} holds an imported model (a step-0 checkpoint), not a run to "
+                     f"resume: fine-tune it into a new workdir with --config.init_from={workdir} "
+                     f"(or --config=configs/finetune.py:{workdir}).")
   start_step = checkpointer.latest_step() or 0
   if start_step:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
     state = checkpointer.restore(start_step, ts.abstract_of(state))
+  elif config.init_from:
+    # Fine-tuning: only the parameters come from elsewhere; optimizer, step and rng start afresh.
+    params = finetune.init_params(config.init_from, state["params"])
+    state = ts.init_train_state(params, model_state, tx, mesh, config.seed, method_state)
   if start_step >= config.total_steps:
     logging.info("The checkpoint at step %d already reaches config.total_steps=%d: nothing to do.",
                  start_step, config.total_steps)
@@ -147,9 +172,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   # ------------------------------------------------------------------------------------------------
   #  Compile the step ahead of time (reports compile time; dry_run stops here)
   # ------------------------------------------------------------------------------------------------
-  text_spec = dict(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                   eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id,
-                   first_regular_id=tokenizer.mask_id + 1)
+  text_spec = tokenizer_lib.text_spec(tokenizer)
   train_step = ts.jit_train_step(
       ts.make_train_step(graphdef, tx, schedule, method, config, text_spec),
       state_shardings, batch_sharding, mesh)
@@ -206,6 +229,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     if step % config.log_every == 0 or is_last or step == start_step + 1:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       last["skipped_total"] = float(skipped_total)
+      last.update(_data_counters(batches))
       last.update(logger.timing(step))
       if step == start_step + 1:
         last["compile_seconds"] = compile_seconds

@@ -22,6 +22,30 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encoded_pixels(encoded: tf.Tensor) -> tf.Tensor:
+  """H * W (int64) read from a JPEG or PNG header without decoding; -1 for other formats.
+
+  Lets a pipeline refuse a decompression bomb before `decode` allocates it. A corrupt JPEG
+  header raises, like `decode` would.
+  """
+  def png_pixels():
+    raw = tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8)   # IHDR width, height
+    values = tf.cast(tf.reshape(raw, [2, 4]), tf.int64)
+    sides = tf.reduce_sum(values * tf.constant([2**24, 2**16, 2**8, 1], tf.int64), axis=1)
+    return sides[0] * sides[1]
+
+  def jpeg_pixels():
+    return tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64))
+
+  is_png = tf.logical_and(tf.strings.length(encoded) >= 24,
+                          tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE))
+  return tf.case([(tf.io.is_jpeg(encoded), jpeg_pixels), (is_png, png_pixels)],
+                 default=lambda: tf.constant(-1, tf.int64))
+
+
 def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor,
                         scale: Sequence[float] = DEFAULT_SCALE,
                         ratio: Sequence[float] = DEFAULT_RATIO) -> tf.Tensor:

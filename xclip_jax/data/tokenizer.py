@@ -90,17 +90,23 @@ class Tokenizer:
 
   pad_id, unk_id, eos_id, mask_id = PAD_ID, UNK_ID, EOS_ID, MASK_ID
 
-  def encode(self, texts: Sequence[str], context_length: int) -> np.ndarray:
-    """int32 [N, context_length]: pieces, then eos, then 0s; long texts are cut so eos survives."""
+  def encode(self, texts: Sequence[str], context_length: int, *, return_truncated: bool = False
+             ) -> np.ndarray | tuple[np.ndarray, int]:
+    """int32 [N, context_length]: pieces, then eos, then 0s; long texts are cut so eos survives.
+
+    return_truncated=True also returns how many texts were cut.
+    """
     if context_length < 1:
       raise ValueError(f"context_length must be >= 1, got {context_length}.")
     rows = self._sp.encode(list(texts), out_type=int)
     out = np.zeros((len(rows), context_length), np.int32)
+    truncated = 0
     for i, ids in enumerate(rows):
+      truncated += len(ids) > context_length - 1
       ids = ids[:context_length - 1]
       out[i, :len(ids)] = ids
       out[i, len(ids)] = EOS_ID
-    return out
+    return (out, truncated) if return_truncated else out
 
   def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
     """Texts of encoded rows: each row is read up to its first eos; pad and mask ids are dropped."""
@@ -154,15 +160,43 @@ def build_command(config, path: str) -> str:
   return cmd
 
 
+def _clip_bpe(config):
+  from xclip_jax.data import clip_bpe  # noqa: PLC0415 (regex/ftfy only when asked for)
+  path = os.path.expanduser(config.tokenizer.path)
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(
+        f"config.tokenizer.kind='clip_bpe' needs config.tokenizer.path to name OpenAI's merges "
+        f"file (got {path!r}). bpe_simple_vocab_16e6.txt.gz ships in the open_clip_torch wheel "
+        "(open_clip/bpe_simple_vocab_16e6.txt.gz); unzip it from there.")
+  return clip_bpe.ClipBpeTokenizer(path)
+
+
+def text_spec(tokenizer) -> dict[str, int]:
+  """The token facts the objectives need (vocab_size, pad_id, eos_id, mask_id, first_regular_id;
+  MLM draws random replacements from [first_regular_id, vocab_size))."""
+  if hasattr(tokenizer, "text_spec"):      # tokenizers whose special ids are not 0..3 (clip_bpe)
+    return dict(tokenizer.text_spec)
+  return dict(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+              mask_id=tokenizer.mask_id, first_regular_id=tokenizer.mask_id + 1)
+
+
 def resolve_tokenizer(config, *, process_index: int | None = None,
-                      wait_timeout_s: float = 600.0) -> Tokenizer:
+                      wait_timeout_s: float = 600.0):
   """The tokenizer named by `config.tokenizer.path` (or the per-dataset default path).
 
   If the model file is missing and `config.tokenizer.train_if_missing`, process 0 trains it from
   the dataset's train-split captions and writes it (atomically); other processes wait for the file,
   which therefore must live on a filesystem every process sees. Otherwise raises FileNotFoundError
   with the command that builds it.
+
+  config.tokenizer.kind = "clip_bpe" selects OpenAI CLIP's byte-level BPE instead (models imported
+  with xclip_jax.interop.convert); config.tokenizer.path is then its merges file.
   """
+  kind = config.tokenizer.get("kind", "sentencepiece")
+  if kind == "clip_bpe":
+    return _clip_bpe(config)
+  if kind != "sentencepiece":
+    raise ValueError(f"config.tokenizer.kind={kind!r}: use sentencepiece or clip_bpe.")
   path = os.path.expanduser(config.tokenizer.path or default_tokenizer_path(config))
   if os.path.exists(path):
     return Tokenizer(path)
