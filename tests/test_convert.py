@@ -277,3 +277,15 @@ def test_tokenizer_cli_and_train_pipeline_on_converted_data(converted, tmp_path)
   assert batch["image"].shape == (8, 32, 32, 3) and batch["text"].shape == (8, 32)
   assert batch[pipeline.STATS_KEY]["records"] == 8
   assert sum(batch[pipeline.STATS_KEY][k] for k in pipeline.DROP_REASONS) == 0
+
+
+def test_host_pipeline_benchmark_runs_every_mode(converted):
+  from xclip_jax.data import bench   # noqa: PLC0415
+  data_dir, _ = converted
+  c = cfglib.base_config()
+  c.data.update(dict(name="my_pairs", data_dir=data_dir, builtin=False, text_key="caption"))
+  c.model.image.image_size, c.model.text.context_length = 32, 16
+  tokenizer = toklib.Tokenizer(model_proto=toklib.train_tokenizer(["a red cat", "a dog"], 32))
+  results = bench.run(c, tokenizer, records=16, batch=4, cores=1, seconds=0.2)
+  assert set(results["modes"]) == set(bench.MODES)
+  assert all(r["images_per_sec"] > 0 for r in results["modes"].values())
