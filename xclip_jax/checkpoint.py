@@ -127,6 +127,16 @@ def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
   return restored["params"]
 
 
+def param_shapes(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, the stored `params` tree with each leaf's shape as a tuple), from metadata alone."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = _resolve_step(manager, workdir, step)
+  tree = ocp.PyTreeCheckpointer().metadata(
+      f"{checkpoint_dir(workdir)}/{step}/{STATE}").item_metadata.tree
+  return step, jax.tree.map(lambda m: tuple(m.shape), tree["params"])
+
+
 def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> tuple[int, dict]:
   """(step, {"params": ..., "model_state": ...}) restored into the shapes and shardings of
   `abstract` (ShapeDtypeStructs with shardings, e.g. from mesh.abstract_model); the optimizer

@@ -108,6 +108,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
                      f"={config.model.text.vocab_size}; raise the latter.")
   _check_writable(workdir)
+  finetune.check_not_imported(workdir)
   logging.info("Mesh %s; global batch %d (%d per process); %d devices.",
                dict(mesh.shape), config.batch_size, host_batch, jax.device_count())
 
@@ -126,11 +127,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
                                        keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-  if checkpointer.latest_step() == 0:     # runs save from step 1 on; only an import writes 0
-    checkpointer.close()
-    raise ValueError(f"{workdir} holds an imported model (a step-0 checkpoint), not a run to "
-                     f"resume: fine-tune it into a new workdir with --config.init_from={workdir} "
-                     f"(or --config=configs/finetune.py:{workdir}).")
   start_step = checkpointer.latest_step() or 0
   if start_step:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
