@@ -13,6 +13,7 @@ import sys
 import zipfile
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -52,7 +53,7 @@ def merges_path(tmp_path_factory):
   return str(path)
 
 
-# ---- tokenizer ------------------------------------------------------------------------------------
+# ---- tokenizer -----------------------------------------------------------------------------------
 
 def test_clip_bpe_matches_hand_computed_ids(merges_path):
   tok = clip_bpe.ClipBpeTokenizer(merges_path)
@@ -89,18 +90,19 @@ def test_resolve_tokenizer_selects_clip_bpe(merges_path):
     tokenizer_lib.resolve_tokenizer(c)
 
 
-# ---- torch files without torch --------------------------------------------------------------------
+# ---- torch files without torch -------------------------------------------------------------------
 
 def _unicode(text: str) -> bytes:
   data = text.encode()
   return b"X" + struct.pack("<I", len(data)) + data
 
 
-def _tensor_pickle(offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> bytes:
-  """A hand-assembled torch.save data.pkl: {"w": _rebuild_tensor_v2(storage 0 (4 floats), ...)}."""
+def _tensor_pickle(offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                   storage_type: str = "FloatStorage") -> bytes:
+  """A hand-made torch.save data.pkl: {"w": _rebuild_tensor_v2(storage 0 (4 elements), ...)}."""
   def tup(values):
     return b"(" + b"".join(b"K" + bytes([v]) for v in values) + b"t"
-  storage = (b"(" + _unicode("storage") + b"ctorch\nFloatStorage\n" + _unicode("0")
+  storage = (b"(" + _unicode("storage") + f"ctorch\n{storage_type}\n".encode() + _unicode("0")
              + _unicode("cpu") + b"K\x04t" + b"Q")
   rebuild = (b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"K" + bytes([offset])
              + tup(size) + tup(stride) + b"\x89" + b"ccollections\nOrderedDict\n)R" + b"tR")
@@ -115,14 +117,34 @@ def _write_zip(path, pickle_bytes: bytes, storage: bytes = b"") -> str:
   return str(path)
 
 
-def test_torch_zip_reader_rebuilds_strided_views_and_checks_bounds(tmp_path):
-  storage = np.arange(4, dtype=np.float32).tobytes()
-  path = _write_zip(tmp_path / "t.pt", _tensor_pickle(0, (2, 2), (1, 2)), storage)
+@pytest.mark.parametrize("storage_type,dtype", [("FloatStorage", np.float32),
+                                                ("HalfStorage", np.float16),
+                                                ("BFloat16Storage", ml_dtypes.bfloat16)])
+def test_torch_zip_reader_rebuilds_strided_views_and_checks_bounds(tmp_path, storage_type, dtype):
+  storage = np.arange(4).astype(dtype).tobytes()
+  path = _write_zip(tmp_path / "t.pt", _tensor_pickle(0, (2, 2), (1, 2), storage_type), storage)
   assert torch_files.detect_format(path) == torch_files.TORCH_ZIP
-  np.testing.assert_array_equal(torch_files.read_checkpoint(path)["w"], [[0, 2], [1, 3]])
-  path = _write_zip(tmp_path / "oob.pt", _tensor_pickle(1, (2, 2), (2, 1)), storage)
+  w = torch_files.read_checkpoint(path)["w"]
+  assert w.dtype == dtype
+  np.testing.assert_array_equal(w.astype(np.float32), [[0, 2], [1, 3]])
+  # What OpenAI released is float16; the import casts to our float32 parameters exactly.
+  assert np.array_equal(w.astype(np.float32).astype(dtype), w)
+  oob = _tensor_pickle(1, (2, 2), (2, 1), storage_type)
+  path = _write_zip(tmp_path / "oob.pt", oob, storage)
   with pytest.raises(pickle.UnpicklingError, match="past its storage"):
     torch_files.read_checkpoint(path)
+
+
+def test_safetensors_bfloat16_and_format_detection(tmp_path):
+  from safetensors.numpy import save_file
+  path = str(tmp_path / "w.safetensors")
+  save_file({"w": np.arange(3).astype(ml_dtypes.bfloat16)}, path)
+  assert torch_files.detect_format(path) == torch_files.SAFETENSORS
+  assert torch_files.read_checkpoint(path)["w"].dtype == ml_dtypes.bfloat16
+  legacy = tmp_path / "legacy.pt"
+  legacy.write_bytes(pickle.dumps({"w": 1}, protocol=2))   # pre-1.6 torch.save starts so
+  with pytest.raises(ValueError, match="legacy"):
+    torch_files.read_checkpoint(str(legacy))
 
 
 class _Exploit:
@@ -154,7 +176,7 @@ def test_unsafe_pickles_are_refused_without_running(tmp_path):
   assert not target.exists()
 
 
-# ---- parity with PyTorch ----------------------------------------------------------------------------
+# ---- parity with PyTorch -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def torch_reference(tmp_path_factory, merges_path):

@@ -138,8 +138,9 @@ def main(argv):
   m = config.model
   print(f"Wrote {_WORKDIR.value}: ViT {m.image.image_size}px/{m.image.patch_size} width "
         f"{m.image.width} x {m.image.layers} layers ({m.image.heads} heads); text width "
-        f"{m.text.width} x {m.text.layers} ({m.text.heads} heads), context {m.text.context_length}, "
-        f"vocab {m.text.vocab_size}; embed {m.embed_dim}; {m.activation}.")
+        f"{m.text.width} x {m.text.layers} ({m.text.heads} heads), context "
+        f"{m.text.context_length}, vocab {m.text.vocab_size}; embed {m.embed_dim}; "
+        f"{m.activation}.")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def _block_table(width: int, heads: int) -> dict[str, tuple[tuple[str, ...], Cal
       # [3w, w] rows (q | k | v, each heads x head_dim) -> [w, 3, heads, head_dim]
       "attn.in_proj_weight": (
           ("attn", "qkv_kernel"),
-          lambda w: np.ascontiguousarray(w.reshape(3, heads, head_dim, width).transpose(3, 0, 1, 2)),
+          lambda w: np.ascontiguousarray(
+              w.reshape(3, heads, head_dim, width).transpose(3, 0, 1, 2)),
           lambda k: np.ascontiguousarray(k.transpose(1, 2, 3, 0).reshape(3 * width, width))),
       "attn.in_proj_bias": (("attn", "qkv_bias"), lambda b: b.reshape(3, heads, head_dim),
                             lambda b: b.reshape(3 * width)),
@@ -100,12 +101,13 @@ _TOWER_TABLE = {
 }
 
 
-# ---- architecture ---------------------------------------------------------------------------------
+# ---- architecture --------------------------------------------------------------------------------
 
 def _num_layers(state: dict[str, np.ndarray], prefix: str) -> int:
   indices = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
   if not indices or indices != set(range(len(indices))):
-    raise ValueError(f"No contiguous {prefix}N.* blocks in the state dict (found {sorted(indices)}).")
+    raise ValueError(f"No contiguous {prefix}N.* blocks in the state dict "
+                     f"(found {sorted(indices)}).")
   return len(indices)
 
 
@@ -158,7 +160,7 @@ def infer_architecture(state: dict[str, np.ndarray], *, vision_heads: int = 0,
   return dict(embed_dim=int(state["text_projection"].shape[1]), image=image, text=text)
 
 
-# ---- conversions ----------------------------------------------------------------------------------
+# ---- conversions ---------------------------------------------------------------------------------
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   for key in path[:-1]:

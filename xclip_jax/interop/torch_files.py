@@ -47,7 +47,7 @@ class UnsafePickleError(pickle.UnpicklingError):
   """The pickle names something other than the tensor-rebuilding globals this reader allows."""
 
 
-# ---- stand-ins for what the pickle may name -------------------------------------------------------
+# ---- stand-ins for what the pickle may name ------------------------------------------------------
 
 class StorageType:
   """Stands for torch.<X>Storage in a persistent id: only its element dtype matters here."""
@@ -164,7 +164,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     return self._load_storage(str(key), storage_type.dtype, int(numel))
 
 
-# ---- archives -------------------------------------------------------------------------------------
+# ---- archives ------------------------------------------------------------------------------------
 
 def detect_format(path: str) -> str:
   """SAFETENSORS, TORCH_ZIP or TORCHSCRIPT from the file's content."""
