@@ -28,23 +28,6 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_INPUT = flags.DEFINE_string("input", None, "Checkpoint to import (.safetensors / .pt / .bin).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "xclip_jax workdir (written by import, read by "
-                               "--export).")
-_BPE = flags.DEFINE_string("bpe_vocab", "", "OpenAI's merges file (bpe_simple_vocab_16e6.txt.gz, "
-                           "in the open_clip_torch wheel): the imported model's tokenizer.")
-_ACTIVATION = flags.DEFINE_enum("activation", "quick_gelu", ["quick_gelu", "gelu"],
-                                "MLP activation the checkpoint was trained with.")
-_VISION_HEADS = flags.DEFINE_integer("vision_heads", 0, "Image tower heads (0: from the width).")
-_TEXT_HEADS = flags.DEFINE_integer("text_heads", 0, "Text tower heads (0: width // 64).")
-_EXPORT = flags.DEFINE_bool("export", False, "Export --workdir to --output instead of importing.")
-_OUTPUT = flags.DEFINE_string("output", None, "Exported .safetensors file.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
-                           "Exported weights' dtype (OpenAI released float16).")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Optional config file for everything but the model (data, evals, optim).",
-    lock_config=False)
 
 
 def imported_config(arch: dict, *, base=None, activation: str = "quick_gelu", bpe_vocab: str = ""):
@@ -117,26 +100,48 @@ def export_checkpoint(workdir: str, output: str, *, step: int | None = None,
   save_file(state, output, metadata={"format": "pt", "source": "xclip_jax"})
   return state
 
+def _define_flags() -> None:
+  """The CLI's flags; defined only when run as a program, so that importing this module
+  (tests, notebooks) claims no global flag names such as --config."""
+  flags.DEFINE_string("input", None, "Checkpoint to import (.safetensors / .pt / .bin).")
+  flags.DEFINE_string("workdir", None, "xclip_jax workdir (written by import, read by "
+                      "--export).")
+  flags.DEFINE_string("bpe_vocab", "", "OpenAI's merges file (bpe_simple_vocab_16e6.txt.gz, "
+                      "in the open_clip_torch wheel): the imported model's tokenizer.")
+  flags.DEFINE_enum("activation", "quick_gelu", ["quick_gelu", "gelu"],
+                    "MLP activation the checkpoint was trained with.")
+  flags.DEFINE_integer("vision_heads", 0, "Image tower heads (0: from the width).")
+  flags.DEFINE_integer("text_heads", 0, "Text tower heads (0: width // 64).")
+  flags.DEFINE_bool("export", False, "Export --workdir to --output instead of importing.")
+  flags.DEFINE_string("output", None, "Exported .safetensors file.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
+                    "Exported weights' dtype (OpenAI released float16).")
+  config_flags.DEFINE_config_file(
+      "config", None, "Optional config file for everything but the model (data, evals, optim).",
+      lock_config=False)
+
 
 def main(argv):
+  f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  if not f.workdir:
     raise app.UsageError("--workdir is required.")
-  if _EXPORT.value:
-    if not _OUTPUT.value:
+  if f.export:
+    if not f.output:
       raise app.UsageError("--export needs --output=FILE.safetensors.")
-    state = export_checkpoint(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value)
-    print(f"Wrote {_OUTPUT.value}: {len(state)} tensors, "
-          f"{sum(v.size for v in state.values()) / 1e6:.2f}M parameters ({_DTYPE.value}).")
+    state = export_checkpoint(f.workdir, f.output, step=f.step, dtype=f.dtype)
+    print(f"Wrote {f.output}: {len(state)} tensors, "
+          f"{sum(v.size for v in state.values()) / 1e6:.2f}M parameters ({f.dtype}).")
     return
-  if not _INPUT.value:
+  if not f.input:
     raise app.UsageError("--input=CHECKPOINT is required (or --export).")
-  config = import_checkpoint(_INPUT.value, _WORKDIR.value, bpe_vocab=_BPE.value,
-                             activation=_ACTIVATION.value, vision_heads=_VISION_HEADS.value,
-                             text_heads=_TEXT_HEADS.value, base_config=_CONFIG.value)
+  config = import_checkpoint(f.input, f.workdir, bpe_vocab=f.bpe_vocab,
+                             activation=f.activation, vision_heads=f.vision_heads,
+                             text_heads=f.text_heads, base_config=f.config)
   m = config.model
-  print(f"Wrote {_WORKDIR.value}: ViT {m.image.image_size}px/{m.image.patch_size} width "
+  print(f"Wrote {f.workdir}: ViT {m.image.image_size}px/{m.image.patch_size} width "
         f"{m.image.width} x {m.image.layers} layers ({m.image.heads} heads); text width "
         f"{m.text.width} x {m.text.layers} ({m.text.heads} heads), context "
         f"{m.text.context_length}, vocab {m.text.vocab_size}; embed {m.embed_dim}; "
@@ -144,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
