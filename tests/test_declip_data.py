@@ -127,7 +127,10 @@ def test_declip_batches_have_two_views_and_an_eda_caption(demo_dir):
   ds = pipeline.make_train_dataset(config, tok, process_index=0, process_count=1,
                                    host_batch_size=8, image_views=2, text_views=2)
   batch = next(iter(ds.as_numpy_iterator()))
-  assert set(batch) == {"image", "image2", "text", "text_aug"}
+  assert set(batch) == {"image", "image2", "text", "text_aug", pipeline.STATS_KEY}
+  stats = batch[pipeline.STATS_KEY]       # the demo has no bad record
+  assert stats["records"] == 8 and stats["duplicated"] == 0
+  assert all(stats[reason] == 0 for reason in pipeline.DROP_REASONS)
   assert batch["image"].shape == batch["image2"].shape == (8, 32, 32, 3)
   assert batch["text"].shape == batch["text_aug"].shape == (8, 32)
   assert not np.allclose(batch["image"], batch["image2"])
