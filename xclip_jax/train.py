@@ -22,6 +22,7 @@ from xclip_jax import finetune
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
 from xclip_jax import train_state as ts
+from xclip_jax.data import global_batches
 from xclip_jax.data import pipeline
 from xclip_jax.data import synthetic
 from xclip_jax.data import tokenizer as tokenizer_lib
@@ -64,7 +65,7 @@ def _check_writable(workdir: str) -> None:
                   "--workdir (checkpoints, events and eval results go there).") from e
 
 
-def _data_counters(batches: pipeline.GlobalBatchIterator) -> dict[str, float]:
+def _data_counters(batches: global_batches.GlobalBatchIterator) -> dict[str, float]:
   """Bad-record counters of the input pipeline since this run (re)started, summed over processes:
   data/<reason> for dropped records, data/duplicated, data/caption_truncated, ... (pipeline.py)."""
   counters = batches.data_counters()
@@ -155,7 +156,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
         image_views=method.image_views, text_views=method.text_views,
         **(dict(start_step=start_step) if config.data.exact_resume
            else dict(seed=config.seed + start_step)))
-  batches = pipeline.GlobalBatchIterator(dataset, batch_sharding, prefetch=config.data.prefetch)
+  batches = global_batches.GlobalBatchIterator(dataset, batch_sharding,
+                                               prefetch=config.data.prefetch)
 
   if is_synthetic:
     logging.info("Synthetic data: in-loop evaluation is skipped.")

@@ -14,11 +14,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-import queue
-import threading
-from typing import Any, Iterable
+from typing import Any
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -27,6 +24,7 @@ from tensorflow_datasets.core.dataset_info import DatasetInfoFileError
 
 from xclip_jax.data import eda
 from xclip_jax.data import image as image_lib
+from xclip_jax.data.global_batches import STATS_KEY, GlobalBatchIterator  # noqa: F401 (re-export)
 
 try:   # TF must never allocate GPU memory that JAX needs; harmless on CPU-only machines.
   tf.config.set_visible_devices([], "GPU")
@@ -36,7 +34,7 @@ except RuntimeError:   # TF's devices were already initialised by someone else: 
 # Names served by our embedded builders (xclip_jax/data/builders): prepared on first use.
 EMBEDDED_DATASETS = ("xclip_demo",)
 
-# Train batches carry per-batch counters under this key (host side only: GlobalBatchIterator
+# Train batches carry per-batch counters under STATS_KEY (host side only: GlobalBatchIterator
 # sums them instead of making them device arrays). Records dropped from a batch, by reason:
 #   undecodable_image  TF could not decode (corrupt, truncated, unknown format) or augment it
 #   empty_caption      no non-empty caption
@@ -44,7 +42,6 @@ EMBEDDED_DATASETS = ("xclip_demo",)
 # and, for the rows kept: duplicated (a slot refilled with another row of the same batch, when
 # more records were dropped than config.data.spare_records), caption_truncated (cut at the
 # context length), caption_not_utf8 (invalid bytes replaced by U+FFFD), records (read).
-STATS_KEY = "data_stats"
 DROP_REASONS = ("undecodable_image", "empty_caption", "too_large_image")
 _OK, _EMPTY_CAPTION, _TOO_LARGE = 0, 1, 2
 # A valid 1x1 PNG: decoded in place of a record already known to be dropped (cheap, never fails).
@@ -435,101 +432,3 @@ def make_classification_dataset(name: str, *, split: str, host_batch_size: int, 
   ds = ds.concatenate(padding).batch(host_batch_size, drop_remainder=True)
   ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_data_options())
-
-
-# ---- host batches -> global arrays ------------------------------------------------------------
-
-class _Raised:
-  def __init__(self, error: BaseException):
-    self.error = error
-
-
-_END = object()
-
-
-class GlobalBatchIterator:
-  """Iterates host batches (numpy dicts) as global jax.Arrays, `prefetch` batches ahead.
-
-  A background thread pulls the next host batch and places it on this process's devices with
-  `jax.make_array_from_process_local_data`, so the train step does not wait for input as long as
-  the host keeps up. `sharding` is one Sharding for every leaf (e.g. NamedSharding(mesh,
-  P(("data", "fsdp")))) or a pytree of them matching the batch. Exceptions raised while producing
-  re-raise in the consumer; `close()` (or `with`) stops the thread.
-
-  A host batch's STATS_KEY entry (data counters) stays on the host: `data_counters()` sums it
-  over the batches consumed so far.
-  """
-
-  def __init__(self, dataset: tf.data.Dataset | Iterable[dict], sharding, prefetch: int = 2):
-    self._source = (dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset)
-                    else iter(dataset))
-    self._sharding = sharding
-    self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-    self._stop = threading.Event()
-    self._done = False
-    self._counters: dict[str, int] = {}
-    self._thread = threading.Thread(target=self._produce, name="GlobalBatchIterator", daemon=True)
-    self._thread.start()
-
-  def _to_global(self, host_batch):
-    put = jax.make_array_from_process_local_data
-    if isinstance(self._sharding, jax.sharding.Sharding):
-      return jax.tree.map(lambda x: put(self._sharding, x), host_batch)
-    return jax.tree.map(lambda s, x: put(s, x), self._sharding, host_batch)
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _produce(self) -> None:
-    try:
-      for host_batch in self._source:
-        stats = host_batch.pop(STATS_KEY, None) if isinstance(host_batch, dict) else None
-        if self._stop.is_set() or not self._put((self._to_global(host_batch), stats)):
-          return
-      self._put(_END)
-    except BaseException as e:  # noqa: BLE001  (handed to the consumer thread)
-      self._put(_Raised(e))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._done:
-      raise StopIteration
-    item = self._queue.get()
-    if item is _END or isinstance(item, _Raised):
-      self._done = True
-      if isinstance(item, _Raised):
-        raise item.error
-      raise StopIteration
-    batch, stats = item
-    for k, v in (stats or {}).items():
-      self._counters[k] = self._counters.get(k, 0) + int(v)
-    return batch
-
-  def data_counters(self) -> dict[str, int]:
-    """Sums of the data counters (STATS_KEY) of the batches returned so far."""
-    return dict(self._counters)
-
-  def close(self, timeout: float = 10.0) -> None:
-    """Stops the producer thread and drops batches still in flight."""
-    self._stop.set()
-    self._done = True
-    while True:   # free the queue so a producer blocked in put() notices the stop
-      try:
-        self._queue.get_nowait()
-      except queue.Empty:
-        break
-    self._thread.join(timeout)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
