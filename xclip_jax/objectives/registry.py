@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
+from xclip_jax.data import views as views_lib
 from xclip_jax.objectives import clip, clip_chunked, declip, mlm, nclip, nns, siglip, simclr
 
 Metrics = dict[str, jax.Array]
@@ -41,9 +42,17 @@ class Method:
   prepare: Callable[..., dict[str, jax.Array]] = _no_prepare
   init_state: Callable[[Any, jax.Array], Any] = _no_state
   state_specs: Callable[[Any], Any] = lambda config: {}
-  image_views: int = 1                            # augmented views per image the data must give
-  text_views: int = 1                             # 2: the caption and its EDA variant
+  views: views_lib.Views = views_lib.SINGLE      # what the input pipeline must give (data/views.py)
   accumulable: bool = False                       # the loss needs only embeddings + scale
+
+  # Counts for code that has not moved to the declared views yet.
+  @property
+  def image_views(self) -> int:
+    return len(self.views.image)
+
+  @property
+  def text_views(self) -> int:
+    return len(self.views.text)
 
 
 # ---- CLIP ----------------------------------------------------------------------------------------
@@ -144,11 +153,19 @@ METHODS: dict[str, Method] = {
     "declip": Method("declip", _declip_objective, prepare=_declip_prepare,
                      init_state=_declip_state,
                      state_specs=lambda config: {"queue": ROWS, "ptr": P()},
-                     image_views=2, text_views=2),
+                     views=views_lib.Views(
+                         image=(views_lib.ImageView("image", crop="ssl", augment="moco"),
+                                views_lib.ImageView("image2", crop="ssl", augment="moco")),
+                         text=(views_lib.TextView("text"), views_lib.TextView("text_aug", eda=True)))),
     "nclip": Method("nclip", _nclip_objective),
     "xclip": Method("xclip", _xclip_objective),
     "siglip": Method("siglip", _siglip_objective),
-    "slip": Method("slip", _slip_objective, image_views=3),
+    # SLIP's CLIP view is a plain crop (no flip, no colour); its SimCLR views are MoCo-style.
+    "slip": Method("slip", _slip_objective, views=views_lib.Views(
+        image=(views_lib.ImageView("image", crop="clip", augment="clip", flip=False),
+               views_lib.ImageView("image2", crop="ssl", augment="moco"),
+               views_lib.ImageView("image3", crop="ssl", augment="moco")),
+        text=(views_lib.TextView("text"),))),
 }
 
 
