@@ -202,9 +202,12 @@ def test_create_sharded_never_builds_a_whole_parameter(monkeypatch):
   assert "[1000,4]" in hlo            # each device draws its own 1000 x 32/8 slice
   assert "[1000,32]" not in hlo       # and nothing of the full shape exists anywhere
   assert {s.data.shape for s in params["table"].addressable_shards} == {(1000, 4)}
-  # Partitionable threefry: the values do not depend on the mesh.
+  # Partitionable threefry: the values do not depend on the mesh. The random bits are identical;
+  # the bits -> normal transform (erfinv) may round differently by 1 ulp when XLA vectorises a
+  # [1000, 4] slice and a [125, 32] slice differently, so equality is up to float32 rounding
+  # (a different random stream would differ by O(0.02) everywhere).
   _, unsharded, _ = meshlib.create_sharded(lambda: _BigTable(nnx.Rngs(0)), mesh_of(8, 1))
-  np.testing.assert_array_equal(params["table"], unsharded["table"])
+  np.testing.assert_allclose(params["table"], unsharded["table"], rtol=1e-6, atol=1e-8)
 
 
 def _loss(graphdef, params, rest, batch):
