@@ -16,8 +16,12 @@ EVALUATOR_TYPES = {"zeroshot": zeroshot.ZeroShotEvaluator,
 
 
 def build_evaluators(config, tokenizer, mesh: jax.sharding.Mesh, graphdef: Any) -> list[Any]:
+  from xclip_jax.data import eval_image  # noqa: PLC0415  (TensorFlow only where data is read)
+  eval_image.check_transform(config.evals.get("transform", "resize_256_crop_224"))
   evaluators = []
   for name, eval_cfg in config.evals.items():
+    if not isinstance(eval_cfg, ml_collections.ConfigDict):
+      continue                      # settings of every evaluator (config.evals.transform)
     if not eval_cfg.get("enabled", True):
       continue
     if eval_cfg.type not in EVALUATOR_TYPES:
