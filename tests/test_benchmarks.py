@@ -3,8 +3,12 @@ label files), templates, the selection rules, evaluators on tfds.testing.mock_da
 imagenet_a, cifar10), an eval split with undecodable images, and the suite. Nothing downloads."""
 
 import io
+import json
 import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,6 +19,7 @@ from xclip_jax.data import eda, eval_datasets
 from xclip_jax.data.builders import pair_dataset
 from xclip_jax.evaluate import benchmarks, templates, zeroshot
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMPTY = "/nonexistent/tfds"      # TFDS names of unprepared datasets: from its shipped label files
 
 
@@ -164,8 +169,9 @@ def test_zeroshot_setup_refuses_what_would_run_silently_wrong():
 # ---- evaluators on mock data --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny():
-  """(config, tokenizer, mesh, graphdef, state) of a tiny untrained CLIP on 8 devices."""
+def tiny(tmp_path_factory):
+  """(config, tokenizer, mesh, graphdef, state) of a tiny untrained CLIP on 8 devices; the
+  config's tokenizer.path is the tokenizer's file."""
   from tests.test_train import tiny_config
   from xclip_jax.data import tokenizer as tokenizer_lib
   from xclip_jax.models import two_tower
@@ -173,12 +179,27 @@ def tiny():
   c = tiny_config("")
   c.evals.zeroshot.update(dict(batch_size=16, max_examples=0, templates="auto"))
   mesh = mesh_lib.make_mesh(dict(data=8))
-  tok = tokenizer_lib.Tokenizer(model_proto=tokenizer_lib.train_tokenizer(
+  proto = tokenizer_lib.train_tokenizer(
       [t.format(n) for n in benchmarks.benchmark("cifar10").classes
-       for t in templates.CLIP80] * 3, vocab_size=96))
+       for t in templates.CLIP80] * 3, vocab_size=96)
+  path = tmp_path_factory.mktemp("tok") / "spm.model"
+  path.write_bytes(proto)
+  c.tokenizer.path = str(path)
   graphdef, params, rest = mesh_lib.create_sharded(
       lambda: two_tower.build_model(c, eos_id=2, seed=0), mesh)
-  return c, tok, mesh, graphdef, {"params": params, "model_state": rest}
+  return (c, tokenizer_lib.Tokenizer(model_proto=proto), mesh, graphdef,
+          {"params": params, "model_state": rest})
+
+
+def _workdir(tiny, path):
+  """A workdir holding the tiny model at step 0, as an import writes one."""
+  from xclip_jax import checkpoint
+  c, *_, state = tiny
+  ckpt = checkpoint.Checkpointer(str(path), every=1, keep=1, async_save=False)
+  ckpt.save(0, {"step": np.zeros((), np.int32), "params": jax.device_get(state["params"])}, c,
+            force=True)
+  ckpt.close()
+  return str(path)
 
 
 def _evaluator(tiny, dataset, **kw):
@@ -297,14 +318,15 @@ def test_padding_contract_holds_with_bad_records_over_processes(tmp_path):
 # ---- the suite ----------------------------------------------------------------------------------
 
 def test_suite_on_mock_data_reports_and_lists_what_is_not_prepared(tiny, monkeypatch, tmp_path):
-  from xclip_jax.evaluate import suite
-  c, tok, mesh, graphdef, state = tiny
+  from xclip_jax.evaluate import runner, suite
+  c, *_, state = tiny
+  workdir = _workdir(tiny, tmp_path / "run")
   data_dir = str(tmp_path / "tfds")
   with tfds.testing.mock_data(num_examples=12):
     _prepared(monkeypatch, {"cifar10", "oxford_flowers102"})
-    out = suite.run_suite("clip_benchmark", c, tok, mesh, graphdef, state, data_dir)
+    step, out = suite.evaluate_workdir(c, workdir, None, "clip_benchmark", data_dir)
     direct = _evaluator(tiny, "cifar10").evaluate(state["params"], state["model_state"])
-  assert list(out["datasets"]) == ["cifar10", "oxford_flowers102"]
+  assert step == 0 and list(out["datasets"]) == ["cifar10", "oxford_flowers102"]
   cifar = out["datasets"]["cifar10"]
   assert (cifar["split"], cifar["classes"], cifar["examples"], cifar["skipped"]) == (
       "test", 10, 12, 0)
@@ -317,4 +339,23 @@ def test_suite_on_mock_data_reports_and_lists_what_is_not_prepared(tiny, monkeyp
   assert "--manual_dir" in out["not_prepared"]["imagenet2012"]
   table = suite.format_table(out)
   assert "cifar10" in table and f"tfds build sun397 --data_dir={data_dir}" in table
-  assert suite.scalars(out)["clip_benchmark/cifar10/top1"] == cifar["top1"]
+  path = runner.write_results(workdir, step, out, suite.scalars(out), "clip_benchmark")
+  saved = json.load(open(path))
+  assert path.endswith("eval/step_0_clip_benchmark.json") and saved["step"] == 0
+  assert saved["datasets"]["cifar10"]["top1"] == cifar["top1"]
+
+
+def test_suite_command_with_nothing_prepared(tiny, tmp_path):
+  workdir = _workdir(tiny, tmp_path / "run")
+  data_dir = str(tmp_path / "empty_tfds")
+  out = subprocess.run(
+      [sys.executable, "-m", "xclip_jax.evaluate", f"--workdir={workdir}", "--suite=imagenet",
+       f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for dataset in benchmarks.SUITES["imagenet"]:
+    assert f"tfds build {dataset} --data_dir={data_dir}" in out.stdout
+  saved = json.load(open(os.path.join(workdir, "eval", "step_0_imagenet.json")))
+  assert saved["datasets"] == {} and len(saved["not_prepared"]) == 5
+  bad = subprocess.run([sys.executable, "-m", "xclip_jax.evaluate", f"--workdir={workdir}",
+                        "--suite=nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "known suites" in bad.stderr

@@ -1,7 +1,9 @@
-"""Builds the evaluators a config asks for (`config.evals.<name>`) and runs them on a train state."""
+"""Builds the evaluators a config asks for (`config.evals.<name>`) and runs them on a train state;
+restores a workdir's model for evaluation and writes results (the standalone CLI's parts)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -41,3 +43,38 @@ def run_evaluators(evaluators: list[Any], state: dict[str, Any]) -> dict[str, fl
   for evaluator in evaluators:
     results.update(evaluator.evaluate(state["params"], state["model_state"]))
   return results
+
+
+def restore(config, workdir: str, step: int | None):
+  """(step, tokenizer, mesh, graphdef, {"params", "model_state"}) of a workdir's checkpoint."""
+  from xclip_jax import checkpoint  # noqa: PLC0415
+  from xclip_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  from xclip_jax.models import two_tower  # noqa: PLC0415
+  from xclip_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tokenizer = tokenizer_lib.resolve_tokenizer(config)
+  model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
+  step, restored = checkpoint.restore_model(
+      workdir, step, {"params": abstract_params, "model_state": abstract_rest})
+  return step, tokenizer, mesh, graphdef, restored
+
+
+def write_results(workdir: str, step: int, results: dict[str, Any],
+                  scalars: dict[str, float] | None = None, name: str = "") -> str:
+  """<workdir>/eval/step_<N>[_<name>].json (written atomically) and TensorBoard scalars
+  (`scalars`, default: results); process 0 only."""
+  from clu import metric_writers  # noqa: PLC0415
+  from etils import epath  # noqa: PLC0415  (local paths and gs:// alike)
+  path = epath.Path(workdir) / "eval" / f"step_{step}{'_' + name if name else ''}.json"
+  if jax.process_index() != 0:
+    return str(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+  tmp.replace(path)      # atomic; overwrites an earlier evaluation of this step
+  writer = metric_writers.SummaryWriter(workdir)
+  writer.write_scalars(step, results if scalars is None else scalars)
+  writer.close()
+  return str(path)
