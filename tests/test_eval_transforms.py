@@ -115,3 +115,10 @@ def test_api_preprocess_follows_the_configured_transform(transform):
   assert got.shape == (2, 224, 224, 3)
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
   np.testing.assert_allclose(got[1], expected, atol=1e-5)
+
+
+def test_imported_models_default_to_openais_transform():
+  from xclip_jax.interop import convert
+  config = convert.imported_config({"embed_dim": 8, "image": {}, "text": {}})
+  assert config.evals.transform == "openai"
+  assert config_lib.base_config().evals.transform == "resize_256_crop_224"
