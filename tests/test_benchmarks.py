@@ -191,10 +191,12 @@ def tiny(tmp_path_factory):
           {"params": params, "model_state": rest})
 
 
-def _workdir(tiny, path):
+def _workdir(tiny, path, **overrides):
   """A workdir holding the tiny model at step 0, as an import writes one."""
   from xclip_jax import checkpoint
   c, *_, state = tiny
+  c = c.copy_and_resolve_references()
+  c.update_from_flattened_dict(overrides)
   ckpt = checkpoint.Checkpointer(str(path), every=1, keep=1, async_save=False)
   ckpt.save(0, {"step": np.zeros((), np.int32), "params": jax.device_get(state["params"])}, c,
             force=True)
@@ -359,3 +361,15 @@ def test_suite_command_with_nothing_prepared(tiny, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "xclip_jax.evaluate", f"--workdir={workdir}",
                         "--suite=nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "known suites" in bad.stderr
+
+
+def test_naming_a_dataset_enables_its_evaluator(tiny, tmp_path):
+  workdir = _workdir(tiny, tmp_path / "run", **{f"evals.{name}.enabled": False for name in (
+      "zeroshot", "retrieval", "linear_probe")})
+  data_dir = str(tmp_path / "empty_tfds")
+  out = subprocess.run(
+      [sys.executable, "-m", "xclip_jax.evaluate", f"--workdir={workdir}",
+       "--config.evals.zeroshot.dataset=cifar10", f"--config.evals.zeroshot.data_dir={data_dir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # The evaluator was built (and found nothing prepared), not "No evaluator is enabled".
+  assert out.returncode != 0 and f"tfds build cifar10 --data_dir={data_dir}" in out.stderr

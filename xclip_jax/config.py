@@ -204,6 +204,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.tokenizer.train_if_missing = True
   c.evals.zeroshot.enabled = True
   c.evals.zeroshot.dataset = "xclip_demo"
+  c.evals.zeroshot.split = "test"
   c.evals.zeroshot.templates = "demo"
   c.evals.retrieval.enabled = True
   c.evals.retrieval.dataset = "xclip_demo"

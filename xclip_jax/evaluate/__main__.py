@@ -2,7 +2,8 @@
 
 The config is the one saved with the checkpoint, merged onto the current schema, so every
 `config.evals.<name>` field can be overridden on the command line, e.g.
-  --config.evals.zeroshot.dataset=imagenet2012      (curated names, templates, split: one flag)
+  --config.evals.zeroshot.dataset=imagenet2012      (curated names, templates, split: one flag;
+                                                     naming a dataset enables its evaluator)
   --config.evals.zeroshot.dataset=cifar10 --config.evals.zeroshot.templates=clip80
   --config.evals.retrieval.enabled=True --config.evals.retrieval.dataset=coco_captions
   --config.evals.transform=openai                   (OpenAI's preprocessing; imported models' own)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -68,10 +70,25 @@ def evaluate(config, workdir: str, step: int | None) -> tuple[int, dict[str, flo
   return step, runner.run_evaluators(evaluators, restored)
 
 
+def enable_named_evaluators(config, argv: list[str]) -> list[str]:
+  """Turns on every config.evals.<name> whose dataset the command line names, unless the command
+  line also says whether it is enabled: --config.evals.zeroshot.dataset=imagenet2012 is enough."""
+  named = set(re.findall(r"--config\.evals\.(\w+)\.dataset\b", " ".join(argv)))
+  told = set(re.findall(r"--config\.evals\.(\w+)\.enabled\b", " ".join(argv)))
+  enabled = []
+  for name in sorted(named - told):
+    if name in config.evals and not config.evals[name].get("enabled", True):
+      config.evals[name].enabled = True
+      enabled.append(name)
+  return enabled
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS["config"].value
+  for name in enable_named_evaluators(config, sys.argv):
+    logging.info("config.evals.%s enabled: its dataset is named on the command line.", name)
   if _SUITE.value:
     from xclip_jax.evaluate import benchmarks, runner, suite
     if _SUITE.value not in benchmarks.SUITES:
