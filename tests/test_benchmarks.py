@@ -177,7 +177,7 @@ def tiny(tmp_path_factory):
   from xclip_jax.models import two_tower
   from xclip_jax.parallel import mesh as mesh_lib
   c = tiny_config("")
-  c.evals.zeroshot.update(dict(batch_size=16, max_examples=0, templates="auto"))
+  c.evals.zeroshot.update(dict(batch_size=16, max_examples=0, templates="auto", split="auto"))
   mesh = mesh_lib.make_mesh(dict(data=8))
   proto = tokenizer_lib.train_tokenizer(
       [t.format(n) for n in benchmarks.benchmark("cifar10").classes
@@ -361,6 +361,27 @@ def test_suite_command_with_nothing_prepared(tiny, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "xclip_jax.evaluate", f"--workdir={workdir}",
                         "--suite=nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "known suites" in bad.stderr
+
+
+def test_naming_a_dataset_on_the_command_line_gives_it_its_own_setup():
+  from tests.test_train import tiny_config
+  from xclip_jax.evaluate import runner
+  c = tiny_config("")                      # the demo's: split test, templates demo, on
+  c.evals.zeroshot.enabled = False
+  changes = runner.apply_named_datasets(c, [
+      "--workdir=w", "--config.evals.zeroshot.dataset=imagenet2012",
+      "--config.evals.retrieval.dataset", "coco_captions", "--config.evals.retrieval.split=val",
+      "--config.evals.linear_probe.enabled=False", "--config.evals.linear_probe.dataset=x"])
+  assert (c.evals.zeroshot.enabled, c.evals.zeroshot.split, c.evals.zeroshot.templates) == (
+      True, "auto", "auto")
+  assert c.evals.retrieval.enabled and c.evals.retrieval.split == "test"   # not a zero-shot
+  assert not c.evals.linear_probe.enabled                                  # told otherwise
+  assert "config.evals.zeroshot.split='auto'" in changes
+  c = tiny_config("")
+  runner.apply_named_datasets(c, ["--config.evals.zeroshot.dataset=cifar10",
+                                  "--config.evals.zeroshot.templates=short"])
+  # Left to the command line's own value (absl applies it; here the config is as saved).
+  assert (c.evals.zeroshot.templates, c.evals.zeroshot.split) == ("demo", "auto")
 
 
 def test_naming_a_dataset_enables_its_evaluator(tiny, tmp_path):

@@ -3,7 +3,7 @@
 The config is the one saved with the checkpoint, merged onto the current schema, so every
 `config.evals.<name>` field can be overridden on the command line, e.g.
   --config.evals.zeroshot.dataset=imagenet2012      (curated names, templates, split: one flag;
-                                                     naming a dataset enables its evaluator)
+                                                     see runner.apply_named_datasets)
   --config.evals.zeroshot.dataset=cifar10 --config.evals.zeroshot.templates=clip80
   --config.evals.retrieval.enabled=True --config.evals.retrieval.dataset=coco_captions
   --config.evals.transform=openai                   (OpenAI's preprocessing; imported models' own)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -70,27 +69,15 @@ def evaluate(config, workdir: str, step: int | None) -> tuple[int, dict[str, flo
   return step, runner.run_evaluators(evaluators, restored)
 
 
-def enable_named_evaluators(config, argv: list[str]) -> list[str]:
-  """Turns on every config.evals.<name> whose dataset the command line names, unless the command
-  line also says whether it is enabled: --config.evals.zeroshot.dataset=imagenet2012 is enough."""
-  named = set(re.findall(r"--config\.evals\.(\w+)\.dataset\b", " ".join(argv)))
-  told = set(re.findall(r"--config\.evals\.(\w+)\.enabled\b", " ".join(argv)))
-  enabled = []
-  for name in sorted(named - told):
-    if name in config.evals and not config.evals[name].get("enabled", True):
-      config.evals[name].enabled = True
-      enabled.append(name)
-  return enabled
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS["config"].value
-  for name in enable_named_evaluators(config, sys.argv):
-    logging.info("config.evals.%s enabled: its dataset is named on the command line.", name)
+  from xclip_jax.evaluate import runner
+  for change in runner.apply_named_datasets(config, sys.argv):
+    logging.info("%s: the dataset is named on the command line.", change)
   if _SUITE.value:
-    from xclip_jax.evaluate import benchmarks, runner, suite
+    from xclip_jax.evaluate import benchmarks, suite
     if _SUITE.value not in benchmarks.SUITES:
       raise app.UsageError(f"--suite={_SUITE.value}: known suites are "
                            f"{sorted(benchmarks.SUITES)}.")
@@ -101,7 +88,6 @@ def main(argv):
     print(f"step {step}: " + suite.format_table(results))
     logging.info("Wrote %s.", path)
     return
-  from xclip_jax.evaluate import runner
   step, results = evaluate(config, _WORKDIR.value, _STEP.value)
   path = runner.write_results(_WORKDIR.value, step, results)
   for key in sorted(results):

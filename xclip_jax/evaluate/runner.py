@@ -4,6 +4,7 @@ restores a workdir's model for evaluation and writes results (the standalone CLI
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jax
@@ -78,3 +79,25 @@ def write_results(workdir: str, step: int, results: dict[str, Any],
   writer.write_scalars(step, results if scalars is None else scalars)
   writer.close()
   return str(path)
+
+
+def apply_named_datasets(config, argv: list[str]) -> list[str]:
+  """An evaluator whose dataset the command line names is enabled, and a zero-shot one takes
+  that dataset's own split, templates and class names ("auto"; benchmarks.py), except for what
+  the command line also sets: --config.evals.zeroshot.dataset=imagenet2012 is enough, whatever
+  the workdir's config held for the dataset it evaluated before. Returns the changes made."""
+  line = " ".join(argv)
+  given = lambda name, field: re.search(rf"--config\.evals\.{name}\.{field}\b", line)
+  changes = []
+  for name in sorted(set(re.findall(r"--config\.evals\.(\w+)\.dataset\b", line))):
+    if name not in config.evals or not isinstance(config.evals[name], type(config.evals)):
+      continue
+    eval_cfg = config.evals[name]
+    defaults = {"enabled": True}
+    if eval_cfg.get("type") == "zeroshot":
+      defaults.update(split="auto", templates="auto", class_names=())
+    for field, value in defaults.items():
+      if not given(name, field) and eval_cfg.get(field) != value:
+        eval_cfg[field] = value
+        changes.append(f"config.evals.{name}.{field}={value!r}")
+  return changes

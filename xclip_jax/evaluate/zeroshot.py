@@ -65,9 +65,11 @@ class ZeroShotEvaluator:
                  len(self._templates))
     prompts = [t.format(c.replace("_", " ")) for c in self.class_names for t in self._templates]
     ids = tokenizer.encode(prompts, config.model.text.context_length)
-    # Pad the prompt batch to a multiple of the batch axes so it shards evenly; drop pads later.
+    # Prompts are encoded in chunks (ImageNet: 1,000 classes x 80 templates would not fit in
+    # one forward pass) of a multiple of the batch axes, so each shards evenly; pads dropped.
     shards = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
-    pad = (-len(ids)) % shards
+    self._prompt_chunk = -(-min(int(eval_cfg.batch_size), len(ids)) // shards) * shards
+    pad = (-len(ids)) % self._prompt_chunk
     self._num_prompts = len(ids)
     self._prompt_ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
     self._dataset = eval_datasets.make_eval_dataset(
@@ -96,8 +98,10 @@ class ZeroShotEvaluator:
 
   def evaluate(self, params, model_state) -> dict[str, float]:
     with jax.set_mesh(self._mesh):
-      ids = jax.make_array_from_process_local_data(self._batch_sharding, self._local_prompts())
-      prompt_emb = self._encode_text(params, model_state, ids)[: self._num_prompts]
+      prompt_emb = jnp.concatenate([
+          self._encode_text(params, model_state, jax.make_array_from_process_local_data(
+              self._batch_sharding, self._local_prompts(start)))
+          for start in range(0, len(self._prompt_ids), self._prompt_chunk)])[: self._num_prompts]
       class_emb = class_embeddings(prompt_emb, len(self.class_names))
       totals = {"top1": 0, "top5": 0, "count": 0}
       for batch in self._dataset.as_numpy_iterator():
@@ -113,7 +117,7 @@ class ZeroShotEvaluator:
             f"{self.name}/examples": float(totals["count"]),
             f"{self.name}/skipped": float(skipped)}
 
-  def _local_prompts(self) -> np.ndarray:
-    """This process's rows of the (replicated on every host) prompt batch."""
-    rows = self._prompt_ids.reshape(jax.process_count(), -1, self._prompt_ids.shape[1])
-    return rows[jax.process_index()]
+  def _local_prompts(self, start: int) -> np.ndarray:
+    """This process's rows of the chunk at `start` of the (replicated on every host) prompts."""
+    chunk = self._prompt_ids[start:start + self._prompt_chunk]
+    return chunk.reshape(jax.process_count(), -1, chunk.shape[1])[jax.process_index()]
