@@ -112,6 +112,7 @@ def test_templates_are_openais():
   assert templates.get_templates("cifar10")[:2] == ("a photo of a {}.", "a blurry photo of a {}.")
   assert templates.get_templates("food101") == ("a photo of {}, a type of food.",)
   assert len(templates.get_templates("caltech101")) == 34
+  assert templates.get_templates("auto") == templates.CLIP80     # no dataset to ask
   with pytest.raises(ValueError, match="curated"):
     templates.get_templates("no_such_set")
 

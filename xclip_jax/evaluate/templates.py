@@ -55,9 +55,12 @@ TEMPLATE_SETS = {"demo": DEMO, "short": SHORT, "clip80": CLIP80}
 
 def get_templates(name: str) -> tuple[str, ...]:
   """A set above, or a curated benchmark's templates by its label space ('imagenet1k',
-  'cifar10', ...) or TFDS name ('imagenet2012'): see benchmarks.py."""
+  'cifar10', ...) or TFDS name ('imagenet2012'): see benchmarks.py. "auto" names a dataset's
+  own set where a dataset is known (benchmarks.zeroshot_setup); alone, it is CLIP80."""
   if name in TEMPLATE_SETS:
     return TEMPLATE_SETS[name]
+  if name == "auto":
+    return CLIP80
   from xclip_jax.evaluate import benchmarks  # noqa: PLC0415  (it imports this module)
   curated = benchmarks.label_space_templates(name)
   if curated is None:
