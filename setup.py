@@ -9,6 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=("xclip_jax", "xclip_jax.*")),
+    # Curated zero-shot class names and templates (sources and licences in its README.md).
+    package_data={"xclip_jax.evaluate": ["zeroshot_data/*.json", "zeroshot_data/README.md",
+                                         "zeroshot_data/LICENSE.*"]},
     python_requires=">=3.12",
     install_requires=[
         "jax>=0.11.2",

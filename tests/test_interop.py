@@ -272,6 +272,7 @@ def test_convert_evaluate_finetune_export(torch_reference, merges_path, demo_dir
   config = checkpoint.saved_config(imported)
   assert (config.tokenizer.kind, config.model.image.heads, config.model.text.vocab_size) == (
       "clip_bpe", 4, VOCAB)
+  assert config.evals.transform == "openai"           # OpenAI's preprocessing by default
   state = torch_files.read_checkpoint(src)
   reference = openai_layout.to_params(
       state, openai_layout.infer_architecture(state, vision_heads=4))

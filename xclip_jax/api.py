@@ -8,7 +8,7 @@
 
 The config is the checkpoint's (merged onto today's schema), the tokenizer is the one the run
 trained with (`model.tokenizer`), and images go through the evaluation preprocessing
-(`model.preprocess`: shorter side to size*256/224, central crop, CLIP normalisation). The model is
+(`model.preprocess`: config.evals.transform, e.g. OpenAI's for imported models). The model is
 restored onto a mesh of this process's devices (all on the data axis by default) without reading
 the optimizer state. Single-process use; multi-host evaluation is `python -m xclip_jax.evaluate`.
 """
@@ -94,22 +94,24 @@ class LoadedModel:
     """Evaluation preprocessing of a list of images -> float32 [N, S, S, 3].
 
     Each image may be a PIL image, a uint8 array [H, W, 3] (or [H, W] grey), encoded bytes or a
-    file path. A uint8 array [N, H, W, 3] is a batch. The transform is the evaluators' own.
+    file path. A uint8 array [N, H, W, 3] is a batch. The transform is the evaluators' own,
+    `config.evals.transform` (`openai`: bicubic resize to S + centre crop, bit-exact with
+    OpenAI's / open_clip's preprocessing; `resize_256_crop_224`).
     """
     import tensorflow as tf  # noqa: PLC0415  (TensorFlow only where images are preprocessed)
 
-    from xclip_jax.data import image as image_lib  # noqa: PLC0415
+    from xclip_jax.data import eval_datasets, eval_image  # noqa: PLC0415
     if isinstance(images, np.ndarray) and images.ndim == 4:
       images = list(images)
     elif not isinstance(images, (list, tuple)):
       images = [images]
     data = self.config.data
+    transform = eval_datasets.eval_transform_name(self.config)
     out = []
     for item in images:
       pixels = tf.constant(_as_uint8_rgb(item))
-      resized = image_lib.resize_shorter_side(pixels, int(round(self.image_size * 256 / 224)))
-      crop = image_lib.central_crop(resized, self.image_size)
-      out.append(image_lib.normalize(crop, data.mean, data.std).numpy())
+      crop = eval_image.crop_pixels(pixels, size=self.image_size, transform=transform)
+      out.append(eval_image.normalize(crop, data.mean, data.std).numpy())
     return np.stack(out).astype(np.float32)
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:

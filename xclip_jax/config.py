@@ -122,9 +122,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- evaluation in the loop -------------------------------------------------------------------
   c.evals = ml_collections.ConfigDict()
+  # The image transform of every evaluator and of xclip_jax.load(...).preprocess:
+  # resize_256_crop_224 (shorter side to 256/224 of the model size, centre crop) | openai
+  # (OpenAI's: bicubic to the model size, centre crop; what imported models use).
+  c.evals.transform = "resize_256_crop_224"
+  # split / templates "auto": a curated benchmark's (evaluate/zeroshot_data), else "test" /
+  # OpenAI's 80 ImageNet templates; class_names=() takes the curated or the TFDS names.
   c.evals.zeroshot = ml_collections.ConfigDict(dict(
-      type="zeroshot", dataset="", data_dir="", split="test", image_key="image", label_key="label",
-      templates="demo", batch_size=256, max_examples=0, class_names=()))
+      type="zeroshot", dataset="", data_dir="", split="auto", image_key="image", label_key="label",
+      templates="auto", batch_size=256, max_examples=0, class_names=()))
   c.evals.zeroshot.enabled = False
   # Image <-> text recall over a split with several captions per image (e.g. coco_captions).
   c.evals.retrieval = ml_collections.ConfigDict(dict(
@@ -198,6 +204,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.tokenizer.train_if_missing = True
   c.evals.zeroshot.enabled = True
   c.evals.zeroshot.dataset = "xclip_demo"
+  c.evals.zeroshot.split = "test"
   c.evals.zeroshot.templates = "demo"
   c.evals.retrieval.enabled = True
   c.evals.retrieval.dataset = "xclip_demo"

@@ -87,29 +87,9 @@ def train_transform(encoded: tf.Tensor, seed: tf.Tensor, *, size: int,
   return normalize(image, mean, std)
 
 
-def resize_shorter_side(image: tf.Tensor, shorter: int) -> tf.Tensor:
-  """Resizes keeping the aspect ratio so that min(H, W) == shorter; float32 output."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  factor = tf.cast(shorter, tf.float32) / tf.reduce_min(shape)
-  new_hw = tf.cast(tf.math.round(shape * factor), tf.int32)
-  new_hw = tf.maximum(new_hw, shorter)   # rounding must never leave a side below `shorter`
-  return tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-
-
-def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The size x size window in the middle of an image at least that large."""
-  hw = tf.shape(image)[:2]
-  top, left = (hw[0] - size) // 2, (hw[1] - size) // 2
-  crop = tf.slice(image, [top, left, 0], [size, size, -1])
-  crop.set_shape([size, size, image.shape[-1]])
-  return crop
-
-
-def eval_transform(encoded: tf.Tensor, *, size: int, mean: Sequence[float],
-                   std: Sequence[float], resize_ratio: float = 256 / 224) -> tf.Tensor:
-  """CLIP's eval preprocessing: shorter side to size*256/224, central crop, normalise."""
-  image = resize_shorter_side(decode(encoded), int(round(size * resize_ratio)))
-  return normalize(central_crop(image, size), mean, std)
+# The evaluation transforms live in eval_image.py; these names keep working from here.
+from xclip_jax.data.eval_image import (  # noqa: E402,F401
+    central_crop, eval_transform, resize_shorter_side)
 
 
 # ---- MoCo v2's augmentation (DeCLIP's two image views) ---------------------------------------------

@@ -335,100 +335,15 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, seed: int, host_batc
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_data_options())
 
 
-# ---- eval -------------------------------------------------------------------------------------
+# ---- eval ------------------------------------------------------------------------------------
 
-def make_eval_dataset(eval_cfg, config, *, process_index: int, process_count: int,
-                      host_batch_size: int) -> tf.data.Dataset:
-  """`make_classification_dataset` for an entry of config.evals (e.g. config.evals.zeroshot).
-
-  Reads eval_cfg.{dataset, data_dir (falls back to config.data.data_dir), split, image_key,
-  label_key, max_examples}; image size and normalisation come from the model/train config.
-  """
-  builtin = None   # embedded datasets (by name) are prepared on first use
-  if eval_cfg.dataset == config.data.name:
-    builtin = config.data.builtin
-  return make_classification_dataset(
-      eval_cfg.dataset, split=eval_cfg.split, host_batch_size=host_batch_size,
-      image_size=config.model.image.image_size, mean=config.data.mean, std=config.data.std,
-      process_index=process_index, process_count=process_count,
-      data_dir=eval_cfg.data_dir or config.data.data_dir, builtin=builtin,
-      image_key=eval_cfg.image_key, label_key=eval_cfg.label_key,
-      max_examples=eval_cfg.max_examples)
+# The evaluation datasets live in eval_datasets.py (which imports this module); the old names
+# keep working from here, resolved on first use.
+_EVAL_NAMES = ("make_eval_dataset", "make_classification_dataset", "split_size", "read_texts")
 
 
-def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
-  """Examples in `split` (slices allowed): from the dataset info, else by the reader's cardinality
-  (datasets whose info does not list their splits, e.g. under tfds.testing.mock_data)."""
-  try:
-    return int(builder.info.splits[split].num_examples)
-  except (KeyError, ValueError):
-    cardinality = int(builder.as_dataset(split=split, decoders=_skip_all(builder)).cardinality())
-    if cardinality < 0:
-      raise ValueError(f"Cannot tell how many examples {builder.name}:{split} has.") from None
-    return cardinality
-
-
-def _skip_all(builder: tfds.core.DatasetBuilder) -> dict:
-  """Decoders that leave every image feature encoded (counting must not decode)."""
-  return {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
-          if isinstance(f, tfds.features.Image)}
-
-
-def read_texts(name: str, *, split: str, text_key: str, data_dir: str | None = "",
-               builtin: bool | None = None, image_key: str = "image") -> list[list[str]]:
-  """Every caption of every example of `split`, in order (images are not decoded)."""
-  builder = prepare_dataset(name, data_dir, builtin)
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding(image_key))
-  texts = []
-  for example in ds.as_numpy_iterator():
-    value = get_numpy_field(example, text_key)
-    values = value.tolist() if isinstance(value, np.ndarray) else [value]
-    texts.append([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values])
-  return texts
-
-
-def make_classification_dataset(name: str, *, split: str, host_batch_size: int, image_size: int,
-                                mean, std, process_index: int, process_count: int,
-                                data_dir: str | None = "", builtin: bool | None = None,
-                                image_key: str = "image", label_key: str = "label",
-                                max_examples: int = 0) -> tf.data.Dataset:
-  """One pass over `split` in fixed-size batches {"image", "label" int32, "index" int32, "mask"}.
-
-  "index" is the example's position in the whole split (-1 for padding), so results gathered from
-  several processes can be matched to the split's other fields; label_key="" gives label 0.
-
-  The last partial batch is padded (mask False), and processes with fewer examples append fully
-  masked batches, so every process yields the same number of batches (len(ds)) — required when
-  each batch becomes one global array. Sum of all masks == number of examples in the split.
-  """
-  builder = prepare_dataset(name, data_dir, builtin)
-  if max_examples:
-    if "[" in split or "+" in split:
-      raise ValueError(f"max_examples needs a plain split name, not {split!r}; slice instead.")
-    split = f"{split}[:{max_examples}]"
-  process_splits = tfds.even_splits(split, n=process_count, drop_remainder=False)
-  counts = [split_size(builder, s) for s in process_splits]
-  num_batches = max(1, math.ceil(max(counts) / host_batch_size))
-  pad = num_batches * host_batch_size - counts[process_index]
-  offset = sum(counts[:process_index])
-
-  ds = builder.as_dataset(split=process_splits[process_index], shuffle_files=False,
-                          decoders=_skip_decoding(image_key),
-                          read_config=tfds.ReadConfig(options=_tf_data_options()))
-
-  def preprocess(index, example):
-    image = image_lib.eval_transform(get_numpy_field(example, image_key), size=image_size,
-                                     mean=tuple(mean), std=tuple(std))
-    label = (tf.cast(get_field(example, label_key), tf.int32) if label_key
-             else tf.constant(0, tf.int32))
-    return {"image": image, "label": label, "index": tf.cast(index + offset, tf.int32),
-            "mask": tf.constant(True)}
-
-  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([image_size, image_size, 3], tf.float32),
-      "label": tf.constant(0, tf.int32), "index": tf.constant(-1, tf.int32),
-      "mask": tf.constant(False)}).repeat(pad)
-  ds = ds.concatenate(padding).batch(host_batch_size, drop_remainder=True)
-  ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_data_options())
+def __getattr__(name: str):
+  if name in _EVAL_NAMES:
+    from xclip_jax.data import eval_datasets  # noqa: PLC0415
+    return getattr(eval_datasets, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,9 +2,17 @@
 
 The config is the one saved with the checkpoint, merged onto the current schema, so every
 `config.evals.<name>` field can be overridden on the command line, e.g.
+  --config.evals.zeroshot.dataset=imagenet2012      (curated names, templates, split: one flag;
+                                                     see runner.apply_named_datasets)
   --config.evals.zeroshot.dataset=cifar10 --config.evals.zeroshot.templates=clip80
   --config.evals.retrieval.enabled=True --config.evals.retrieval.dataset=coco_captions
+  --config.evals.transform=openai                   (OpenAI's preprocessing; imported models' own)
 Results go to <workdir>/eval/step_<N>.json and to the workdir's TensorBoard events at step N.
+
+  --suite=clip_benchmark [--data_dir=TFDS_DIR]
+runs zero-shot on every dataset of the suite prepared in the data_dir instead (evaluate/suite.py;
+the others are listed with their `tfds build` command): <workdir>/eval/step_<N>_<suite>.json,
+TensorBoard scalars <suite>/<dataset>/<metric>, and a table on stdout.
 The mesh is every local device on the data axis (evaluation needs no parameter sharding to fit
 the models this project trains; override with --config.mesh.*).
 """
@@ -27,6 +35,11 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
+_SUITE = flags.DEFINE_string("suite", None, "Zero-shot benchmark suite to run instead of "
+                             "config.evals: imagenet | clip_benchmark (evaluate/benchmarks.py).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir of the suite's datasets "
+                                "(default: config.evals.zeroshot.data_dir, config.data.data_dir, "
+                                "$TFDS_DATA_DIR, ~/tensorflow_datasets).")
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -46,37 +59,10 @@ def config_from_workdir(workdir: str, step: int | None):
   return config
 
 
-def write_results(workdir: str, step: int, results: dict[str, float]) -> str:
-  """<workdir>/eval/step_<N>.json (written atomically) and TensorBoard scalars; process 0 only."""
-  import jax
-  from clu import metric_writers
-  from etils import epath  # local paths and gs:// alike
-  path = epath.Path(workdir) / "eval" / f"step_{step}.json"
-  if jax.process_index() != 0:
-    return str(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
-  tmp.replace(path)      # atomic; overwrites an earlier evaluation of this step
-  writer = metric_writers.SummaryWriter(workdir)
-  writer.write_scalars(step, results)
-  writer.close()
-  return str(path)
-
-
 def evaluate(config, workdir: str, step: int | None) -> tuple[int, dict[str, float]]:
-  from xclip_jax import checkpoint
-  from xclip_jax.data import tokenizer as tokenizer_lib
   from xclip_jax.evaluate import runner
-  from xclip_jax.models import two_tower
-  from xclip_jax.parallel import mesh as mesh_lib
 
-  mesh = mesh_lib.make_mesh(config.mesh)
-  tokenizer = tokenizer_lib.resolve_tokenizer(config)
-  model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
-  graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
-  step, restored = checkpoint.restore_model(
-      workdir, step, {"params": abstract_params, "model_state": abstract_rest})
+  step, tokenizer, mesh, graphdef, restored = runner.restore(config, workdir, step)
   evaluators = runner.build_evaluators(config, tokenizer, mesh, graphdef)
   if not evaluators:
     raise app.UsageError("No evaluator is enabled: set --config.evals.<name>.enabled=True.")
@@ -87,8 +73,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS["config"].value
+  from xclip_jax.evaluate import runner
+  for change in runner.apply_named_datasets(config, sys.argv):
+    logging.info("%s: the dataset is named on the command line.", change)
+  if _SUITE.value:
+    from xclip_jax.evaluate import benchmarks, suite
+    if _SUITE.value not in benchmarks.SUITES:
+      raise app.UsageError(f"--suite={_SUITE.value}: known suites are "
+                           f"{sorted(benchmarks.SUITES)}.")
+    step, results = suite.evaluate_workdir(config, _WORKDIR.value, _STEP.value, _SUITE.value,
+                                           _DATA_DIR.value)
+    path = runner.write_results(_WORKDIR.value, step, results, suite.scalars(results),
+                                _SUITE.value)
+    print(f"step {step}: " + suite.format_table(results))
+    logging.info("Wrote %s.", path)
+    return
   step, results = evaluate(config, _WORKDIR.value, _STEP.value)
-  path = write_results(_WORKDIR.value, step, results)
+  path = runner.write_results(_WORKDIR.value, step, results)
   for key in sorted(results):
     logging.info("%s = %.4g", key, results[key])
   print(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
@@ -98,7 +99,8 @@ def main(argv):
 def run():
   workdir = _flag_value(sys.argv, "workdir")
   if not workdir:
-    sys.exit("usage: python -m xclip_jax.evaluate --workdir=DIR [--step=N] [--config.evals...]")
+    sys.exit("usage: python -m xclip_jax.evaluate --workdir=DIR [--step=N] [--config.evals...] "
+             "[--suite=NAME [--data_dir=DIR]]")
   step = _flag_value(sys.argv, "step")
   # The runtime must start before Orbax reads the saved config (reading touches JAX), so the
   # multi-process flags are read here; absl parses (and validates) them again in app.run.

@@ -77,7 +77,7 @@ class LinearProbeEvaluator:
 
   def __init__(self, name: str, eval_cfg, config, tokenizer, mesh, graphdef):
     del tokenizer
-    from xclip_jax.data import pipeline  # TensorFlow only where data is read
+    from xclip_jax.data import eval_datasets, pipeline  # TensorFlow only where data is read
     from xclip_jax.parallel import mesh as mesh_lib
 
     self.name, self._mesh, self._graphdef = name, mesh, graphdef
@@ -87,7 +87,7 @@ class LinearProbeEvaluator:
     builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
     self._num_classes = builder.info.features[eval_cfg.label_key].num_classes
     train, val = eval_cfg.train_split, eval_cfg.val_split
-    num_train = pipeline.split_size(builder, train)
+    num_train = eval_datasets.split_size(builder, train)
     if not val:
       num_train -= num_train * int(eval_cfg.val_percent) // 100
       val = f"{train}[{num_train}:]"
@@ -95,21 +95,29 @@ class LinearProbeEvaluator:
       num_train = min(num_train, int(eval_cfg.max_examples))
     train = f"{train}[:{num_train}]"
     host_batch = mesh_lib.batch_size_per_process(eval_cfg.batch_size, mesh)
-    make = lambda split: pipeline.make_classification_dataset(
+    make = lambda split: eval_datasets.make_classification_dataset(
         eval_cfg.dataset, split=split, image_size=config.model.image.image_size,
         mean=config.data.mean, std=config.data.std, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=data_dir, builtin=builtin,
-        image_key=eval_cfg.image_key, label_key=eval_cfg.label_key, host_batch_size=host_batch)
-    self._splits = {"train": make(train), "val": make(val), "test": make(eval_cfg.test_split)}
+        image_key=eval_cfg.image_key, label_key=eval_cfg.label_key, host_batch_size=host_batch,
+        transform=eval_datasets.eval_transform_name(config))
+    names = {"train": train, "val": val, "test": eval_cfg.test_split}
+    self._splits = {k: make(split) for k, split in names.items()}
+    self._expected = {k: eval_datasets.split_size(builder, split) for k, split in names.items()}
+    self._split_names = names
 
   def evaluate(self, params, model_state) -> dict[str, float]:
+    from xclip_jax.data import eval_datasets  # noqa: PLC0415
     from xclip_jax.evaluate import features
-    data = {}
+    data, skipped = {}, 0
     for split, ds in self._splits.items():
       emb = features.image_embeddings(ds.as_numpy_iterator(), self._mesh, self._graphdef, params,
                                       model_state, keys=("label",))
       data[split] = (emb["emb"], emb["label"])
+      skipped += eval_datasets.skipped_records(self.name, self._split_names[split],
+                                               self._expected[split], len(emb["label"]))
     results = linear_probe(data["train"], data["val"], data["test"], self._num_classes,
                            steps=int(self._cfg.steps))
     results["train_examples"] = float(len(data["train"][1]))
+    results["skipped"] = float(skipped)
     return {f"{self.name}/{k}": v for k, v in results.items()}

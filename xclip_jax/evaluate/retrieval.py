@@ -62,7 +62,7 @@ class RetrievalEvaluator:
 
   def __init__(self, name: str, eval_cfg, config, tokenizer, mesh, graphdef):
     import jax
-    from xclip_jax.data import pipeline  # TensorFlow only where data is read
+    from xclip_jax.data import eval_datasets  # TensorFlow only where data is read
     from xclip_jax.parallel import mesh as mesh_lib
 
     self.name, self._mesh, self._graphdef = name, mesh, graphdef
@@ -72,26 +72,38 @@ class RetrievalEvaluator:
     split = eval_cfg.split
     if eval_cfg.max_examples:
       split = f"{split}[:{eval_cfg.max_examples}]"
-    captions = pipeline.read_texts(eval_cfg.dataset, split=split, text_key=eval_cfg.text_key,
+    captions = eval_datasets.read_texts(eval_cfg.dataset, split=split, text_key=eval_cfg.text_key,
                                    data_dir=data_dir, builtin=builtin, image_key=eval_cfg.image_key)
+    self._num_images = len(captions)
     self._caption_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
     self._ids = tokenizer.encode([c for cs in captions for c in cs],
                                  config.model.text.context_length)
-    self._dataset = pipeline.make_classification_dataset(
+    self._dataset = eval_datasets.make_classification_dataset(
         eval_cfg.dataset, split=split, image_size=config.model.image.image_size,
         mean=config.data.mean, std=config.data.std, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=data_dir, builtin=builtin,
         image_key=eval_cfg.image_key, label_key="",
-        host_batch_size=mesh_lib.batch_size_per_process(eval_cfg.batch_size, mesh))
+        host_batch_size=mesh_lib.batch_size_per_process(eval_cfg.batch_size, mesh),
+        transform=eval_datasets.eval_transform_name(config))
+    self._split = split
 
   def evaluate(self, params, model_state) -> dict[str, float]:
     from xclip_jax.evaluate import features
     images = features.image_embeddings(self._dataset.as_numpy_iterator(), self._mesh,
                                        self._graphdef, params, model_state, keys=("index",))
-    image_emb = np.zeros((len(images["index"]), images["emb"].shape[1]), np.float32)
-    image_emb[images["index"]] = images["emb"]                    # split order
+    from xclip_jax.data import eval_datasets  # noqa: PLC0415
     text_emb = features.text_embeddings(self._ids, self._batch_size, self._mesh, self._graphdef,
                                         params, model_state)
-    results = recall_at_k(image_emb, text_emb, self._caption_image)
-    results["images"], results["captions"] = float(len(image_emb)), float(len(text_emb))
+    # Images that could not be decoded leave the evaluation with their captions.
+    kept = np.sort(images["index"])
+    position = np.full(self._num_images, -1, np.int64)
+    position[kept] = np.arange(len(kept))
+    image_emb = np.zeros((len(kept), images["emb"].shape[1]), np.float32)
+    image_emb[position[images["index"]]] = images["emb"]          # split order
+    caption_image = position[self._caption_image]
+    has_image = caption_image >= 0
+    results = recall_at_k(image_emb, text_emb[has_image], caption_image[has_image])
+    results["images"], results["captions"] = float(len(image_emb)), float(has_image.sum())
+    results["skipped"] = float(eval_datasets.skipped_records(
+        self.name, self._split, self._num_images, len(kept)))
     return {f"{self.name}/{k}": v for k, v in results.items()}

@@ -2,7 +2,9 @@
 
 The arithmetic is in pure functions (`class_embeddings`, `topk_correct`) so it can be tested
 against numpy; `ZeroShotEvaluator` wires them to a model, a mesh and a TFDS split. Padded examples
-(the split is rarely a multiple of the batch) carry mask 0 and are never counted.
+(the split is rarely a multiple of the batch) carry mask 0 and are never counted; records whose
+image cannot be decoded are skipped and counted (`<name>/skipped`). Class names, templates and
+the split of the standard benchmarks come from benchmarks.py (curated package data).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
-from xclip_jax.evaluate import templates as templates_lib
+from xclip_jax.evaluate import benchmarks
 from xclip_jax.parallel import mesh as mesh_lib
 
 
@@ -43,32 +46,39 @@ class ZeroShotEvaluator:
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict, config, tokenizer,
                mesh: jax.sharding.Mesh, graphdef: Any):
-    from xclip_jax.data import pipeline  # TensorFlow only where data is read
+    from xclip_jax.data import eval_datasets, pipeline  # TensorFlow only where data is read
 
     self.name = name
     self._mesh = mesh
     self._graphdef = graphdef
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
-    builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir,
-                                       eval_cfg.dataset == config.data.name and config.data.builtin)
-    self.class_names = list(builder.info.features[eval_cfg.label_key].names)
-    override = list(eval_cfg.get("class_names", ()) or ())
-    if override:
-      if len(override) != len(self.class_names):
-        raise ValueError(f"config.evals.{name}.class_names has {len(override)} names; "
-                         f"{eval_cfg.dataset} has {len(self.class_names)} classes.")
-      self.class_names = override
-    self._templates = templates_lib.get_templates(eval_cfg.templates)
+    builtin = eval_cfg.dataset == config.data.name and config.data.builtin
+    builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
+    # Names, templates, split and label map: config overrides > curated entry > TFDS's labels.
+    setup = benchmarks.zeroshot_setup(name, eval_cfg,
+                                      builder.info.features[eval_cfg.label_key].names)
+    self.class_names = list(setup.class_names)
+    self.split = setup.split
+    self._templates = setup.templates
+    logging.info("Zero-shot %s on %s:%s: %d classes (names from %s) x %d templates.", name,
+                 eval_cfg.dataset, self.split, len(self.class_names), setup.source,
+                 len(self._templates))
     prompts = [t.format(c.replace("_", " ")) for c in self.class_names for t in self._templates]
     ids = tokenizer.encode(prompts, config.model.text.context_length)
-    # Pad the prompt batch to a multiple of the batch axes so it shards evenly; drop pads later.
+    # Prompts are encoded in chunks (ImageNet: 1,000 classes x 80 templates would not fit in
+    # one forward pass) of a multiple of the batch axes, so each shards evenly; pads dropped.
     shards = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
-    pad = (-len(ids)) % shards
+    self._prompt_chunk = -(-min(int(eval_cfg.batch_size), len(ids)) // shards) * shards
+    pad = (-len(ids)) % self._prompt_chunk
     self._num_prompts = len(ids)
     self._prompt_ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-    self._dataset = pipeline.make_eval_dataset(
+    self._dataset = eval_datasets.make_eval_dataset(
         eval_cfg, config, process_index=jax.process_index(), process_count=jax.process_count(),
-        host_batch_size=mesh_lib.batch_size_per_process(eval_cfg.batch_size, mesh))
+        host_batch_size=mesh_lib.batch_size_per_process(eval_cfg.batch_size, mesh),
+        split=self.split, label_map=setup.label_map)
+    self._expected = eval_datasets.expected_examples(
+        eval_cfg.dataset, split=self.split, data_dir=data_dir, builtin=builtin,
+        max_examples=eval_cfg.max_examples)
     self._batch_sharding = mesh_lib.batch_sharding(mesh)
     self._encode_text = jax.jit(self._encode_text_fn)
     self._count = jax.jit(self._count_fn, out_shardings=mesh_lib.replicated(mesh))
@@ -88,8 +98,10 @@ class ZeroShotEvaluator:
 
   def evaluate(self, params, model_state) -> dict[str, float]:
     with jax.set_mesh(self._mesh):
-      ids = jax.make_array_from_process_local_data(self._batch_sharding, self._local_prompts())
-      prompt_emb = self._encode_text(params, model_state, ids)[: self._num_prompts]
+      prompt_emb = jnp.concatenate([
+          self._encode_text(params, model_state, jax.make_array_from_process_local_data(
+              self._batch_sharding, self._local_prompts(start)))
+          for start in range(0, len(self._prompt_ids), self._prompt_chunk)])[: self._num_prompts]
       class_emb = class_embeddings(prompt_emb, len(self.class_names))
       totals = {"top1": 0, "top5": 0, "count": 0}
       for batch in self._dataset.as_numpy_iterator():
@@ -97,12 +109,15 @@ class ZeroShotEvaluator:
         counts = jax.device_get(self._count(params, model_state, class_emb, batch))
         for key in totals:
           totals[key] += int(counts[key])
+    from xclip_jax.data import eval_datasets  # noqa: PLC0415
     n = max(totals["count"], 1)
+    skipped = eval_datasets.skipped_records(self.name, self.split, self._expected, totals["count"])
     return {f"{self.name}/top1": 100.0 * totals["top1"] / n,
             f"{self.name}/top5": 100.0 * totals["top5"] / n,
-            f"{self.name}/examples": float(totals["count"])}
+            f"{self.name}/examples": float(totals["count"]),
+            f"{self.name}/skipped": float(skipped)}
 
-  def _local_prompts(self) -> np.ndarray:
-    """This process's rows of the (replicated on every host) prompt batch."""
-    rows = self._prompt_ids.reshape(jax.process_count(), -1, self._prompt_ids.shape[1])
-    return rows[jax.process_index()]
+  def _local_prompts(self, start: int) -> np.ndarray:
+    """This process's rows of the chunk at `start` of the (replicated on every host) prompts."""
+    chunk = self._prompt_ids[start:start + self._prompt_chunk]
+    return chunk.reshape(jax.process_count(), -1, chunk.shape[1])[jax.process_index()]

@@ -42,6 +42,7 @@ def imported_config(arch: dict, *, base=None, activation: str = "quick_gelu", bp
   config.model.text.update(arch["text"])
   config.model.activation = activation
   config.data.mean, config.data.std = defaults.data.mean, defaults.data.std   # OpenAI's statistics
+  config.evals.transform = "openai"       # OpenAI's / open_clip's eval preprocessing, exactly
   config.tokenizer.kind = "clip_bpe"
   config.tokenizer.path = os.path.abspath(os.path.expanduser(bpe_vocab)) if bpe_vocab else ""
   config.tokenizer.train_if_missing = False
