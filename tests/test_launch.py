@@ -172,29 +172,40 @@ def test_tpu_pod_installs_python_312_on_the_image():
 
 # ---- launch/venv.sh and launch/torch_env.sh ------------------------------------------------------
 
+def _scratch_checkout(tmp_path):
+  """launch/venv.sh and setup.py in a directory of their own: venv.sh works where it lies."""
+  (tmp_path / "launch").mkdir()
+  for name in ("launch/venv.sh", "setup.py"):
+    shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+  return tmp_path
+
+
 def test_venv_help_and_dry_run_with_a_python_path(tmp_path):
   out = _bash("launch/venv.sh", "--help")
   assert out.returncode == 0 and "--python PATH" in out.stdout and "--dry-run" in out.stdout
-  had_venv = os.path.exists(os.path.join(ROOT, ".venv"))
+  checkout = _scratch_checkout(tmp_path)
   out = subprocess.run(["bash", "launch/venv.sh", "--dry-run", "--python", sys.executable, "test"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+                       cwd=checkout, capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
-  assert all(l.startswith("[dry run] ") for l in out.stdout.splitlines()), out.stdout
-  assert "xclip_jax[test]" in out.stdout and "torch_env.sh" in out.stdout
-  if not had_venv:
-    assert f"Python 3.{sys.version_info[1]} ({sys.executable})" in out.stdout
-    assert not os.path.exists(os.path.join(ROOT, ".venv"))   # a dry run creates nothing
+  lines = out.stdout.splitlines()
+  assert all(l.startswith("[dry run] ") for l in lines), out.stdout
+  assert lines[0] == (f"[dry run] Creating .venv with Python 3.{sys.version_info[1]} "
+                      f"({sys.executable}).")
+  assert "Installing xclip_jax[test]" in lines[1] and "torch_env.sh" in lines[2]
+  assert sorted(os.listdir(checkout)) == ["launch", "setup.py"]      # a dry run creates nothing
 
 
 def test_venv_refuses_a_python_older_than_312(tmp_path):
-  if os.path.exists(os.path.join(ROOT, ".venv")):
-    pytest.skip(".venv exists here: venv.sh keeps its interpreter")
+  checkout = _scratch_checkout(tmp_path)
   old = tmp_path / "python"
   old.write_text("#!/bin/sh\necho 3.11\n")      # answers the version probe like a 3.11
   old.chmod(0o755)
-  out = subprocess.run(["bash", "launch/venv.sh", "--dry-run"], cwd=ROOT, capture_output=True,
+  out = subprocess.run(["bash", "launch/venv.sh", "--dry-run"], cwd=checkout, capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, PYTHON=str(old)))
   assert out.returncode == 1 and "is Python 3.11" in out.stderr and ">= 3.12" in out.stderr
+  out = subprocess.run(["bash", "launch/venv.sh", "--dry-run", "--python", "/nonexistent/python3"],
+                       cwd=checkout, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 1 and "does not run" in out.stderr
 
 
 def _wheel(directory, name, version, requires=()):
