@@ -112,6 +112,25 @@ def test_slurm_script_forwards_sigterm_and_requeues_on_status_75(tmp_path, preem
     assert not (tmp_path / "scontrol.calls").exists()
 
 
+def test_local_launcher_forwards_sigterm_and_exits_75(tmp_path):
+  (tmp_path / "bin").mkdir()
+  # "python": each process records SIGTERM, then "saves" and exits 75 like xclip_jax.main.
+  _fake(tmp_path / "bin", "python", 'id="${*: -1}"\n'
+        'trap \'echo "$id" >> "$FAKE/signals"; kill "$child"; exit 75\' TERM\n'
+        'sleep 30 & child=$!\necho "$id" >> "$FAKE/started"\nwait "$child"\n')
+  proc = _launch("launch/local_multiprocess.sh", tmp_path, "--processes", "2", "--",
+                 f"--workdir={tmp_path / 'run'}", env=dict(PYTHON=str(tmp_path / "bin/python")))
+  deadline = time.time() + 30
+  while not ((tmp_path / "started").exists() and
+             len((tmp_path / "started").read_text().split()) == 2):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 75, err
+  assert sorted((tmp_path / "signals").read_text().split()) == ["--process_id=0", "--process_id=1"]
+
+
 def test_slurm_script_asks_for_the_signal_before_the_time_limit_and_requeue():
   header = open(os.path.join(ROOT, "launch/gpu_slurm.sbatch")).read()
   assert "#SBATCH --signal=B:TERM@300" in header and "#SBATCH --requeue" in header
