@@ -96,6 +96,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   if config.accum_steps > 1:   # each micro-batch must split over the batch axes too
     mesh_lib.batch_size_per_process(config.batch_size // config.accum_steps, mesh)
   finetune.check_not_source(workdir, config.init_from)
+  is_synthetic = config.data.name == synthetic.NAME
+  if is_synthetic:
+    tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)
+  else:
+    pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
+    tokenizer = tokenizer_lib.resolve_tokenizer(config)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
+                     f"={config.model.text.vocab_size}; raise the latter.")
   _check_writable(workdir)
   finetune.check_not_imported(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
@@ -103,7 +112,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
                                        async_save=config.checkpoint.async_save)
   start_step = checkpointer.latest_step() or 0
   counters_base = {}
-  if start_step:
+  if start_step:     # a workdir holds one run: refuse a config that defines another
     try:
       changed = resume.check(checkpointer.restore_config(start_step), config, step=start_step,
                              workdir=workdir, allow_changes=resume_with_changes)
@@ -113,16 +122,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
     if changed and jax.process_index() == 0:
       resume.record(workdir, start_step, changed)
     counters_base = checkpointer.restore_counters(start_step)
-  is_synthetic = config.data.name == synthetic.NAME
-  if is_synthetic:
-    tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)
-  else:
-    pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
-    tokenizer = tokenizer_lib.resolve_tokenizer(config)
-  if tokenizer.vocab_size > config.model.text.vocab_size:
-    checkpointer.close()
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
-                     f"={config.model.text.vocab_size}; raise the latter.")
   logging.info("Mesh %s; global batch %d (%d per process); %d devices.",
                dict(mesh.shape), config.batch_size, host_batch, jax.device_count())
 
