@@ -18,7 +18,10 @@ setup(
         "flax>=0.12.9",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11.0",
-        "tensorflow-cpu>=2.18",
+        # TensorFlow runs the data pipeline on the CPU; tensorflow-cpu has no macOS wheels, and
+        # there `tensorflow` is the CPU build.
+        "tensorflow-cpu>=2.18; sys_platform != 'darwin'",
+        "tensorflow>=2.18; sys_platform == 'darwin'",
         "tensorflow-datasets>=4.9.9",
         "importlib_resources>=6.0",   # TFDS 4.9.10 needs it to build datasets (tensorflow/datasets#11212)
         "sentencepiece>=0.2.0",

@@ -1,11 +1,12 @@
 """Fine-tune a checkpoint: the config saved in WORKDIR (its model, tokenizer, data and evals), with
 config.init_from = WORKDIR, so a new run starts from its parameters at step 0.
 
-  python -m xclip_jax.main --config=configs/finetune.py:WORKDIR --workdir=NEW_RUN \
+  python -m xclip_jax.main --config=configs/finetune.py:WORKDIR [--workdir=NEW_RUN] \
       [--config.data.name=... --config.optim.lr=1e-5 --config.total_steps=...]
 
 WORKDIR is any run, or a model imported by `python -m xclip_jax.interop.convert`. Everything but
-the model's shape can be overridden; train in a new workdir (WORKDIR itself is only read).
+the model's shape can be overridden. The run trains in NEW_RUN (default:
+workdirs/finetune_<WORKDIR's name>); WORKDIR itself is only read, and --workdir=WORKDIR is refused.
 """
 
 import ml_collections

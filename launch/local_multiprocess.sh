@@ -8,7 +8,7 @@
 # --cpu-devices D gives each process D fake CPU devices (XLA_FLAGS); without it, each process
 # sees the machine's accelerators (set CUDA_VISIBLE_DEVICES per process yourself for GPUs).
 # Logs go to <workdir or ./workdirs>/process_<i>.log; the script waits for every process and
-# exits non-zero if any failed.
+# exits non-zero if any failed (75 if they saved after a preemption: run it again to resume).
 set -euo pipefail
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -50,8 +50,22 @@ for ((i = 0; i < processes; i++)); do
 done
 [ "$dry_run" = 1 ] && exit 0
 
+# kill -TERM on this script is passed to every process (a preemption drill by hand).
+forwarded=0
+# shellcheck disable=SC2329  # invoked by the trap below
+forward() { forwarded=1; kill -TERM "${pids[@]}" 2>/dev/null || true; }
+trap forward TERM
 status=0
 for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+  code=0
+  wait "$pid" || code=$?
+  while [ "$forwarded" = 1 ] && [ "$code" -gt 128 ]; do   # cut short by the trap: wait again
+    forwarded=0
+    again=0
+    wait "$pid" || again=$?
+    [ "$again" = 127 ] && break                           # it had ended: $code was its own
+    code=$again
+  done
+  [ "$code" = 0 ] || status=$code
 done
 exit "$status"

@@ -88,3 +88,40 @@ def test_load_params_gives_numpy_without_a_mesh(tmp_path):
     checkpoint.load_params(str(tmp_path), step=7)
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     checkpoint.load_params(str(tmp_path / "elsewhere"))
+
+
+def test_data_counters_and_config_round_trip_and_old_checkpoints_restore(tmp_path):
+  import orbax.checkpoint as ocp
+  state, _ = _state(_mesh((8, 1)))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "new"), every=5, keep=3)
+  ckpt.save(5, state, _config(), counters={"records": 40, "undecodable_image": 3})
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "new"), every=5, keep=3)
+  assert ckpt.restore_counters(5) == {"records": 40, "undecodable_image": 3}
+  assert ckpt.restore_config(5) == {"method": "clip", "batch_size": 8, "mesh": {"fsdp": 2}}
+  ckpt.close()
+  # A checkpoint written before data counters were saved: restores, with no counters.
+  old = ocp.CheckpointManager(checkpoint.checkpoint_dir(str(tmp_path / "old")),
+                              item_names=("state", "config"))
+  old.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      config=ocp.args.JsonSave(_config().to_dict())))
+  old.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "old"), every=5, keep=3)
+  assert ckpt.latest_step() == 3 and ckpt.restore_counters(3) == {}
+  _assert_trees_equal(ckpt.restore(3, ts.abstract_of(state)), state)
+  ckpt.close()
+
+
+def test_orbax_is_told_the_loops_preemption_decision_and_never_asks_jax(tmp_path, monkeypatch):
+  """Orbax's own preemption check would move JAX's per-process sync-point counter."""
+  from jax.experimental import multihost_utils
+  calls = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: calls.append(step) or False)
+  state, _ = _state(_mesh((8, 1)))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=5, keep=3)
+  ckpt.save(5, state, _config())
+  ckpt.save(7, state, _config(), force=True, preempted=True)
+  ckpt.close()
+  assert calls == []
+  assert ckpt._manager.reached_preemption(7) and not ckpt._manager.reached_preemption(5)

@@ -1,6 +1,6 @@
 """OpenAI-CLIP / open_clip checkpoint interop: reading torch files safely, the key layout, the BPE
 tokenizer, and parity with an independent PyTorch model (tests/torch_clip_ref.py) run under
-.venv-torch (created by `bash launch/venv.sh test` where python3.11 exists)."""
+.venv-torch (created by `bash launch/venv.sh test` where a CPU torch wheel is available)."""
 
 import functools
 import glob
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
 HAS_TORCH = bool(glob.glob(os.path.join(ROOT, ".venv-torch/lib/python3*/site-packages/torch")))
 NO_TORCH = (".venv-torch with torch is missing: `bash launch/venv.sh test` creates it where "
-            "python3.11 exists (a CPU torch wheel for 3.11)")
+            "a CPU torch wheel is available (launch/torch_env.sh says why not)")
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason=NO_TORCH)
 
 # A tiny merges file in bpe_simple_vocab_16e6.txt's format: header line, then one pair per line.

@@ -36,9 +36,9 @@ def _env(devices):
   return env
 
 
-def _run(workdir, steps, processes):
+def _run(workdir, steps, processes, extra=()):
   args = [sys.executable, "-m", "xclip_jax.main", *TINY, f"--workdir={workdir}",
-          f"--config.total_steps={steps}"]
+          f"--config.total_steps={steps}", *extra]
   if processes == 1:
     out = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -56,13 +56,13 @@ def _run(workdir, steps, processes):
   return logs
 
 
-def _losses(workdir):
-  """step -> loss from the TensorBoard events process 0 wrote."""
+def _losses(workdir, tag="loss"):
+  """step -> loss (or another scalar) from the TensorBoard events process 0 wrote."""
   losses = {}
   for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        if value.tag == "loss":
+        if value.tag == tag:
           losses[event.step] = float(tf.make_ndarray(value.tensor))
   return losses
 
@@ -138,3 +138,27 @@ def test_evaluation_with_two_processes_equals_one(demo_dir, tmp_path):
   assert single["linear_probe/train_examples"] == 45
   for key, value in single.items():
     assert double[key] == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_data_counters_are_summed_over_processes_and_survive_a_resume(demo_dir, tmp_path):
+  from xclip_jax import checkpoint
+  workdir = str(tmp_path / "run")
+  demo = ["--config.data.name=xclip_demo", f"--config.data.data_dir={demo_dir}",
+          "--config.data.shuffle_buffer=64", "--config.evals.zeroshot.enabled=False",
+          "--config.evals.retrieval.enabled=False"]
+  _run(workdir, 2, processes=2, extra=demo)
+  _run(workdir, 4, processes=2, extra=demo)          # resumes from step 2
+  records = _losses(workdir, "data/records")
+  # 8 records per process per step (host batch 8, no spares), summed over both processes, and
+  # continued from the checkpoint's totals after the resume (not restarted at 0).
+  assert records == {1: 16.0, 2: 32.0, 3: 48.0, 4: 64.0}
+  manager = checkpoint.Checkpointer(workdir, every=2, keep=3)
+  for step in (2, 4):
+    saved = manager.restore_counters(step)
+    assert saved["records"] == 16 * step
+    for name, value in saved.items():          # the logged data/* values are the saved totals
+      assert _losses(workdir, f"data/{name}")[step] == value, name
+  truncated = _losses(workdir, "data/caption_truncated")
+  assert truncated[3] >= truncated[2] and truncated[4] >= truncated[3]
+  manager.close()

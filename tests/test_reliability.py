@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from xclip_jax import checkpoint, metrics, train
+from xclip_jax.parallel import multihost
 
 from tests.test_train import ROOT, checkpoint_steps, tiny_config, _main_command
 
@@ -42,7 +43,9 @@ def test_sigterm_and_resume_is_bitwise_equal_to_an_uninterrupted_run(demo_dir, t
     interrupted = str(tmp_path / f"stopped_at_{stop_step}")
     with monkeypatch.context() as m:
       _sigterm_at(m, stop_step)
-      train.run(config(), interrupted)
+      with pytest.raises(multihost.Preempted) as preempted:   # main.py exits 75 on it
+        train.run(config(), interrupted)
+    assert preempted.value.step == stop_step
     assert checkpoint_steps(interrupted) == [stop_step]
     train.run(config(), interrupted)
     assert checkpoint_steps(interrupted) == [stop_step, 7]

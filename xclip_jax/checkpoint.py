@@ -1,8 +1,10 @@
 """Checkpoints through Orbax's CheckpointManager, and `load_params` for notebooks.
 
 Layout under the workdir:
-  checkpoints/<step>/state    the train state as a pure pytree (step, params, opt_state, ...)
-  checkpoints/<step>/config   the run's config as JSON
+  checkpoints/<step>/state          the train state as a pure pytree (step, params, opt_state, ...)
+  checkpoints/<step>/config         the run's config as JSON
+  checkpoints/<step>/data_counters  the input pipeline's counters up to <step>, summed over
+                                    processes (JSON; data/* metrics continue from them on resume)
 Orbax writes each step into a temporary directory and renames it when complete, so a crash during
 an (asynchronous) save never leaves a step that `latest_step()` would pick up half-written.
 """
@@ -17,7 +19,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-STATE, CONFIG = "state", "config"
+STATE, CONFIG, COUNTERS = "state", "config", "data_counters"
+ITEMS = (STATE, CONFIG, COUNTERS)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -32,6 +35,22 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, permissions, ...); earlier ones are intact."""
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, told the loop's preemption decision instead of asking JAX itself.
+
+  Orbax's own `reached_preemption(step)` calls JAX's preemption sync point with the checkpoint's
+  step, in `save()` and in its asynchronous finalize thread. JAX keeps one call counter per
+  process, so those calls would move it (even backwards, from the finalize thread) under the
+  loop's agreement (parallel/multihost.PreemptionWatch asks once per step). Orbax only logs and
+  records metrics with the answer.
+  """
+
+  preempted_step: int | None = None
+
+  def reached_preemption(self, step: int) -> bool:
+    return step == self.preempted_step
+
+
 class Checkpointer:
   """A thin wrapper that fixes the item names and the save policy of one run."""
 
@@ -42,21 +61,33 @@ class Checkpointer:
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self._directory = checkpoint_dir(workdir)
-    self._manager = ocp.CheckpointManager(
-        self._directory, options=options, item_names=(STATE, CONFIG))
+    self._manager = _Manager(self._directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `step` is on the save interval."""
+    return self._every > 0 and step % self._every == 0
+
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict, *,
-           force: bool = False) -> bool:
-    """Saves if `step` is a multiple of `every` (or `force`); returns whether a save started."""
-    if not force and (self._every <= 0 or step % self._every):
+           counters: dict[str, int] | None = None, force: bool = False,
+           preempted: bool = False) -> bool:
+    """Saves if `step` is a multiple of `every` (or `force`); returns whether a save started.
+
+    `counters`: the data counters up to `step`, summed over processes (the same in each).
+    `preempted`: this is the save every process agreed on after a preemption notice.
+    """
+    if not force and not self.due(step):
       return False
+    if preempted:
+      self._manager.preempted_step = step
     with self._explained(f"step {step}"):
       return self._manager.save(step, args=ocp.args.Composite(**{
           STATE: ocp.args.StandardSave(state),
-          CONFIG: ocp.args.JsonSave(config.to_dict())}), force=True)
+          CONFIG: ocp.args.JsonSave(config.to_dict()),
+          COUNTERS: ocp.args.JsonSave({k: int(v) for k, v in (counters or {}).items()})}),
+          force=True)
 
   def _explained(self, what: str):
     """Turns any failure of Orbax's (possibly asynchronous) writing into one clear error."""
@@ -80,6 +111,21 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state)}))
     return restored[STATE]
+
+  def restore_config(self, step: int) -> dict:
+    """The config saved with `step`, as JSON (lists where the config had tuples)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        CONFIG: ocp.args.JsonRestore()}))
+    return dict(restored[CONFIG])
+
+  def restore_counters(self, step: int) -> dict[str, int]:
+    """The data counters saved with `step` ({} for checkpoints written before they were)."""
+    from etils import epath  # Orbax's path library: local paths and gs:// alike
+    if not (epath.Path(self._directory) / str(step) / COUNTERS).exists():
+      return {}
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        COUNTERS: ocp.args.JsonRestore()}))
+    return {k: int(v) for k, v in dict(restored[COUNTERS]).items()}
 
   def wait(self) -> None:
     with self._explained("finishing an asynchronous save"):
@@ -106,7 +152,7 @@ def _resolve_step(manager: ocp.CheckpointManager, workdir: str, step: int | None
 def _read_subtrees(workdir: str, step: int | None, make_target, make_restore_arg
                    ) -> tuple[int, dict]:
   """(step, the subtrees `make_target(stored tree)` names of a checkpoint's state), read alone."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = _resolve_step(manager, workdir, step)
   path = f"{checkpoint_dir(workdir)}/{step}/{STATE}"
@@ -129,7 +175,7 @@ def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
 
 def param_shapes(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   """(step, the stored `params` tree with each leaf's shape as a tuple), from metadata alone."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = _resolve_step(manager, workdir, step)
   tree = ocp.PyTreeCheckpointer().metadata(
@@ -151,7 +197,7 @@ def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> t
 
 def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config a checkpoint was trained with, as saved (see `saved_config` for the full schema)."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, CONFIG),
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = _resolve_step(manager, workdir, step)
   restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))

@@ -48,6 +48,28 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   return tree
 
 
+def default_workdir(init_from: str) -> str:
+  """Where a fine-tuning run goes without --workdir: workdirs/finetune_<source>[_step<N>], a new
+  workdir beside the source, never the source itself (which is only read)."""
+  source, step = parse_init_from(init_from)
+  name = source.rstrip("/").rsplit("/", 1)[-1] or "root"
+  return os.path.join("workdirs", f"finetune_{name}" + (f"_step{step}" if step is not None else ""))
+
+
+def _same_place(a: str, b: str) -> bool:
+  if "://" in a or "://" in b:
+    return a.rstrip("/") == b.rstrip("/")
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_not_source(workdir: str, init_from: str) -> None:
+  """A fine-tuning run never resumes or writes into the run its parameters come from."""
+  if init_from and _same_place(workdir, parse_init_from(init_from)[0]):
+    raise ValueError(f"--workdir={workdir} is the run config.init_from={init_from} starts from: "
+                     "fine-tuning would resume or overwrite it. Pass a new --workdir (without it, "
+                     f"the default is {default_workdir(init_from)}).")
+
+
 def check_not_imported(workdir: str) -> None:
   """Runs save from step 1 on; a step-0 checkpoint is an imported model, which must not be
   'resumed' (that would train a fresh model beside it): say how to fine-tune it instead."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging as logging_std
 import os
+import sys
 
 # TensorFlow (data pipeline only) must not take accelerator memory or flood the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,10 +29,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, TensorBoard events). Default: "
-    "./workdirs/<method>_<variant>; an existing workdir is resumed.")
+    "./workdirs/<method>_<variant>, or ./workdirs/finetune_<source> with config.init_from; a "
+    "workdir with checkpoints is resumed if its saved config matches (see --resume_with_changes).")
+_RESUME_WITH_CHANGES = flags.DEFINE_bool(
+    "resume_with_changes", False, "Resume the workdir's run even though the config differs from "
+    "its saved one in fields that define the run (lr, data, model, ...); the changes are logged "
+    "and recorded in <workdir>/resume_changes.jsonl. Without it such a resume is refused.")
 
 
 def default_workdir(config) -> str:
+  if config.init_from:      # fine-tuning: never the source run itself
+    from xclip_jax import finetune
+    return finetune.default_workdir(config.init_from)
   name = f"{config.method}_{config.variant}" if config.variant else config.method
   return os.path.join("workdirs", name)
 
@@ -50,8 +59,9 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/clip.py:demo")
-  from xclip_jax import train  # after flag parsing: keeps `--help` fast
-  from xclip_jax.parallel import multihost
+  from xclip_jax.parallel import multihost  # after flag parsing: keeps `--help` fast
+  multihost.catch_early_sigterm()           # a SIGTERM from here on is saved for, not fatal
+  from xclip_jax import train
 
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                        _DISTRIBUTED.value)
@@ -59,7 +69,12 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config)
   logging.info("Workdir %s (started %s).", os.path.abspath(workdir),
                datetime.datetime.now().isoformat(timespec="seconds"))
-  train.run(config, workdir)
+  try:
+    train.run(config, workdir, resume_with_changes=_RESUME_WITH_CHANGES.value)
+  except multihost.Preempted as e:
+    # Every process saved the same step: "resumable, requeue me" for the launcher (docs/launch.md).
+    logging.warning("%s", e)
+    sys.exit(multihost.REQUEUE_EXIT_STATUS)
 
 
 if __name__ == "__main__":

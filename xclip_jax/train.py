@@ -7,7 +7,6 @@ so every method shares this loop, its sharding, its checkpoints and its preempti
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import jax
@@ -21,6 +20,7 @@ from xclip_jax import config as config_lib
 from xclip_jax import finetune
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
+from xclip_jax import resume
 from xclip_jax import train_state as ts
 from xclip_jax.data import global_batches
 from xclip_jax.data import pipeline
@@ -30,25 +30,7 @@ from xclip_jax.evaluate import runner as eval_runner
 from xclip_jax.models import two_tower
 from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
-
-
-class _PreemptionFlag:
-  """Set by SIGTERM; the loop saves at the next step boundary and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      del signum, frame
-      logging.warning("SIGTERM received: will save a checkpoint at the next step boundary.")
-      self.requested = True
-    self._previous = signal.signal(signal.SIGTERM, handler)
-    return self
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+from xclip_jax.parallel import multihost
 
 
 def _check_writable(workdir: str) -> None:
@@ -65,30 +47,44 @@ def _check_writable(workdir: str) -> None:
                   "--workdir (checkpoints, events and eval results go there).") from e
 
 
-def _data_counters(batches: global_batches.GlobalBatchIterator) -> dict[str, float]:
-  """Bad-record counters of the input pipeline since this run (re)started, summed over processes:
-  data/<reason> for dropped records, data/duplicated, data/caption_truncated, ... (pipeline.py)."""
+def _counter_totals(batches: global_batches.GlobalBatchIterator,
+                    base: dict[str, int] | None = None) -> dict[str, int]:
+  """Bad-record counters of the input pipeline, summed over processes, plus `base` (the totals
+  saved with the checkpoint this run resumed from): undecodable_image, duplicated,
+  caption_truncated, records, ... (pipeline.py). A collective: every process calls it at the
+  same steps (log and save steps)."""
   counters = batches.data_counters()
-  if not counters:
+  names = sorted(set(counters) | set(base or {}))
+  if not names:
     return {}
-  names = sorted(counters)
-  values = np.array([counters[k] for k in names], np.int64)
-  if jax.process_count() > 1:   # every process logs at the same steps: a collective is safe
+  values = np.array([counters.get(k, 0) for k in names], np.int64)
+  if jax.process_count() > 1:
     values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(names)).sum(0)
-  return {f"data/{k}": float(v) for k, v in zip(names, values)}
+  return {k: int(v) + int((base or {}).get(k, 0)) for k, v in zip(names, values)}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _data_counters(batches: global_batches.GlobalBatchIterator,
+                   base: dict[str, int] | None = None) -> dict[str, float]:
+  """The counters as metrics: data/<reason> for dropped records, data/duplicated, ..."""
+  return {f"data/{k}": float(v) for k, v in _counter_totals(batches, base).items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        resume_with_changes: bool = False) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics.
 
-  SIGTERM at any point after start-up (even during compilation) saves at the next step boundary.
+  A workdir with checkpoints is resumed only with the config it was saved with, up to the fields
+  `resume.MAY_CHANGE` lists (resume.ConfigMismatchError names the others), unless
+  `resume_with_changes`. SIGTERM at any point after start-up (even during compilation) saves at a
+  step boundary every process agrees on, then raises multihost.Preempted (main.py exits with
+  multihost.REQUEUE_EXIT_STATUS).
   """
-  with _PreemptionFlag() as preemption:
-    return _run(config, workdir, preemption)
+  with multihost.PreemptionWatch() as preemption:
+    return _run(config, workdir, preemption, resume_with_changes)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str,
-         preemption: _PreemptionFlag) -> dict[str, float]:
+def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.PreemptionWatch,
+         resume_with_changes: bool) -> dict[str, float]:
 
   # ------------------------------------------------------------------------------------------------
   #  Check everything that can fail cheaply before compiling anything
@@ -99,6 +95,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   host_batch = mesh_lib.batch_size_per_process(config.batch_size, mesh)
   if config.accum_steps > 1:   # each micro-batch must split over the batch axes too
     mesh_lib.batch_size_per_process(config.batch_size // config.accum_steps, mesh)
+  finetune.check_not_source(workdir, config.init_from)
   is_synthetic = config.data.name == synthetic.NAME
   if is_synthetic:
     tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)
@@ -110,6 +107,21 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                      f"={config.model.text.vocab_size}; raise the latter.")
   _check_writable(workdir)
   finetune.check_not_imported(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
+                                       keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  start_step = checkpointer.latest_step() or 0
+  counters_base = {}
+  if start_step:     # a workdir holds one run: refuse a config that defines another
+    try:
+      changed = resume.check(checkpointer.restore_config(start_step), config, step=start_step,
+                             workdir=workdir, allow_changes=resume_with_changes)
+    except resume.ConfigMismatchError:
+      checkpointer.close()
+      raise
+    if changed and jax.process_index() == 0:
+      resume.record(workdir, start_step, changed)
+    counters_base = checkpointer.restore_counters(start_step)
   logging.info("Mesh %s; global batch %d (%d per process); %d devices.",
                dict(mesh.shape), config.batch_size, host_batch, jax.device_count())
 
@@ -125,10 +137,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("Model: %s, %.2fM parameters.", config.method, n_params / 1e6)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
-                                       keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
-  start_step = checkpointer.latest_step() or 0
   if start_step:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
     state = checkpointer.restore(start_step, ts.abstract_of(state))
@@ -227,22 +235,33 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     if step % config.log_every == 0 or is_last or step == start_step + 1:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       last["skipped_total"] = float(skipped_total)
-      last.update(_data_counters(batches))
+      last.update(_data_counters(batches, counters_base))
       last.update(logger.timing(step))
       if step == start_step + 1:
         last["compile_seconds"] = compile_seconds
       logger.write(step, last)
 
-    if evaluators and ((config.eval_every and step % config.eval_every == 0) or is_last):
+    # Asked every step, in every process (a host-side call: the device pipeline does not wait);
+    # the answer is the same everywhere, so all processes save this step together or none does.
+    preempted = preemption.reached(step) and not is_last
+
+    if evaluators and not preempted and (
+        (config.eval_every and step % config.eval_every == 0) or is_last):
       results = eval_runner.run_evaluators(evaluators, state)
       logger.write(step, results)
       last.update(results)
 
-    # Saves on the interval (and at the end); preemption forces a save at this step boundary.
-    checkpointer.save(step, state, config, force=is_last or preemption.requested)
-    if preemption.requested:
-      logging.warning("Saved step %d after SIGTERM; exiting.", step)
-      break
+    # Saves on the interval, at the end, and at the agreed preemption step.
+    if is_last or preempted or checkpointer.due(step):
+      checkpointer.save(step, state, config, counters=_counter_totals(batches, counters_base),
+                        force=True, preempted=preempted)
+    if preempted:
+      batches.close()
+      checkpointer.close()          # waits until the checkpoint is complete in every process
+      logger.close()
+      logging.warning("Saved step %d after a preemption notice; the same command resumes it.",
+                      step)
+      raise multihost.Preempted(step, workdir)
     if not is_last:
       batch = next(batches)
 
