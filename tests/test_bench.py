@@ -49,6 +49,9 @@ def test_tiny_benchmark_reports_sane_figures(module):
   assert result["device_augment"] is True and result["step_time_median_no_augment"] > 0
   assert result["augment_overhead"] == pytest.approx(
       result["step_time_median"] / result["step_time_median_no_augment"] - 1)
+  assert 0 < result["augment_only_time_median"] < result["step_time_median"]
+  assert result["augment_only_share"] == pytest.approx(
+      result["augment_only_time_median"] / result["step_time_median_no_augment"])
   views = {"image": "moco", "image2": "moco"} if module is declip_config else {"image": "clip"}
   assert result["image_views"] == views
   assert result["image_bytes_per_step"] == 8 * 16 * 16 * 3 * len(views)   # uint8: 1 byte/pixel
@@ -57,7 +60,7 @@ def test_tiny_benchmark_reports_sane_figures(module):
 def test_benchmark_without_device_augmentation_times_one_step():
   result = bench.run_benchmark(_tiny(clip_config), steps=1, augment="off")
   assert result["device_augment"] is False and result["step_time_median"] > 0
-  assert "step_time_median_no_augment" not in result and "augment_overhead" not in result
+  assert not {"step_time_median_no_augment", "augment_overhead", "augment_only_share"} & set(result)
   assert result["image_bytes_per_step"] == 8 * 16 * 16 * 3       # what the pipeline sends: uint8
   with pytest.raises(ValueError, match="augment='sometimes'"):
     bench.run_benchmark(_tiny(clip_config), steps=1, augment="sometimes")

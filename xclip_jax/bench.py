@@ -7,8 +7,9 @@ images/s, FLOPs (XLA's cost analysis and an analytic count), achieved TFLOP/s, M
 The batch holds the views the method declares, as uint8 pixels like the real input pipeline's;
 the step augments and normalises them on the device (data/device_augment.py). --augment=both
 (the default) also times the same step without that work, fed already-normalised float32
-images, alternating the two step by step so that a busy machine slows both alike:
-step_time_median_no_augment and augment_overhead (with / without - 1) report it.
+images, and the augmentation alone, alternating step by step so that a busy machine slows each
+alike: step_time_median_no_augment, augment_overhead (with / without - 1) and
+augment_only_share (augmentation alone / step without) report it.
 
 MFU is model FLOPs per step / step time / the devices' peak. Model FLOPs are the analytic count of
 the towers' matmuls and attention (3 x forward, as PaLM's MFU defines it): XLA's cost analysis
@@ -187,6 +188,15 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
     return run
 
   runners = {name: runner(name) for name in compiled}
+  if len(compiled) == 2:
+    # The augmentation alone, as the step runs it: a short program, so its time is less at the
+    # mercy of a busy machine than the difference of two long steps.
+    augment_only = jax.jit(
+        device_augment.make_batch_augment(method.views, config.data, int(config.seed)),
+        in_shardings=(batch_sharding, None), out_shardings=batch_sharding)
+    with jax.set_mesh(mesh):
+      augment_only = augment_only.lower(batches["on"], state["step"]).compile()
+    runners["augment_only"] = lambda: augment_only(batches["on"], holder["state"]["step"])
   _interleaved_times(1, runners)                                         # warm-up
   times = _interleaved_times(steps, runners)
   step_time = statistics.median(times[main])
@@ -202,11 +212,14 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
       "mfu": achieved / (peak * jax.device_count()),
       "loss": float(holder[main]["loss"]),
   })
-  if len(times) == 2:
+  if "off" in times and main == "on":
     without = statistics.median(times["off"])
+    alone = statistics.median(times["augment_only"])
     result.update({"step_time_median_no_augment": without,
                    "step_time_min_no_augment": min(times["off"]),
-                   "augment_overhead": step_time / without - 1.0})
+                   "augment_overhead": step_time / without - 1.0,
+                   "augment_only_time_median": alone,
+                   "augment_only_share": alone / without})
   stats = jax.devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
     result["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
@@ -227,9 +240,11 @@ def main(argv):
     logging.info("%s: %.3f s/step, %.1f img/s, MFU %.1f%%", result["config"],
                  result["step_time_median"], result["images_per_sec"], 100 * result["mfu"])
   if "augment_overhead" in result:
-    logging.info("Device augmentation: %.3f s/step with, %.3f s/step without (%+.1f%%).",
+    logging.info("Device augmentation: %.3f s/step with, %.3f s/step without (%+.1f%%); "
+                 "alone %.3f s (%.1f%% of the step without).",
                  result["step_time_median"], result["step_time_median_no_augment"],
-                 100 * result["augment_overhead"])
+                 100 * result["augment_overhead"], result["augment_only_time_median"],
+                 100 * result["augment_only_share"])
 
 
 if __name__ == "__main__":
