@@ -131,7 +131,8 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
       status = tf.where(tf.logical_and(status == _OK, too_large), _TOO_LARGE, status)
     # A record already known to be dropped decodes a 1x1 stand-in instead (never a bomb).
     image_bytes = tf.where(status == _OK, image_bytes, image_lib.TINY_JPEG)
-    crops = view_crops.decode_views(image_bytes, image_seeds, plan.crop_scales, size)
+    crops = view_crops.decode_views(image_bytes, image_seeds, plan.crop_scales, size,
+                                    antialias_above=d.antialias_above)
     out = dict(zip(plan.image_keys, crops))
     out.update({"_text": text, "_status": status})
     for key, eda_seed in zip(plan.eda_keys, eda_seeds):

@@ -15,7 +15,7 @@ Per record, `decode_views`:
      windows are drawn from the decoded size;
   4. cuts each view's crop from it and resizes it to [size, size]: bilinear with half-pixel
      centres, antialiased (a triangle filter as wide as the reduction, PIL's bilinear) only when
-     a side shrinks by more than ANTIALIAS_ABOVE. At 256 px sources, img2dataset's usual output,
+     a side shrinks by more than `antialias_above` (2 by default). At 256 px sources, img2dataset's usual output,
      a CLIP crop shrinks by at most 1.5x and a self-supervised crop is mostly enlarged: there
      plain bilinear is what PIL, i.e. torchvision, computes up to rounding, at a quarter of the
      cost of TF's antialiased resize. (big_vision's inception crop resizes bilinear without
@@ -42,7 +42,8 @@ from xclip_jax.data import image as image_lib
 # torchvision RandomResizedCrop's defaults.
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10
-# Above this reduction (crop side / output side) the resize is antialiased.
+# Above this reduction (crop side / output side) the resize is antialiased (config.data.
+# antialias_above; the demo's 64 -> 32 px crops use 1.0, antialiasing every reduction).
 ANTIALIAS_ABOVE = 2.0
 # libjpeg's DCT scaling factors (tf.io.decode_and_crop_jpeg's `ratio`).
 DCT_RATIOS = (1, 2, 4, 8)
@@ -117,11 +118,12 @@ def resize_crop(crop: tf.Tensor, size: int, antialias: bool | tf.Tensor = False)
 
 
 def decode_views(encoded: tf.Tensor, seeds: Sequence[tf.Tensor], scales: Sequence[Sequence[float]],
-                 size: int) -> list[tf.Tensor]:
+                 size: int, antialias_above: float = ANTIALIAS_ABOVE) -> list[tf.Tensor]:
   """Encoded image bytes -> one uint8 [size, size, 3] RandomResizedCrop per (seed, scale).
 
-  One decode serves all views. Raises (inside tf.data: the record is dropped) on bytes that do
-  not decode, like tf.io.decode_image would.
+  One decode serves all views. A crop whose longer side exceeds antialias_above * size is
+  resized with antialiasing (1.0: every reduction, as torchvision). Raises (inside tf.data: the
+  record is dropped) on bytes that do not decode, like tf.io.decode_image would.
   """
   if not seeds:
     return []
@@ -173,6 +175,6 @@ def decode_views(encoded: tf.Tensor, seeds: Sequence[tf.Tensor], scales: Sequenc
   views = []
   for i, crop in enumerate(crops):
     crop.set_shape([None, None, 3])
-    shrinks = tf.reduce_max(boxes[i, 2:]) > int(ANTIALIAS_ABOVE * size)
+    shrinks = tf.reduce_max(boxes[i, 2:]) > int(antialias_above * size)
     views.append(resize_crop(crop, size, shrinks))
   return views
