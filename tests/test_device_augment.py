@@ -30,7 +30,7 @@ def _image(seed=0, size=16):
   return x
 
 
-# ---- torchvision's tensor formulas, transcribed to numpy (functional_tensor.py) -------------------
+# ---- torchvision's tensor formulas, transcribed to numpy (functional_tensor.py) ---------------
 
 def np_grey(x):
   return 0.2989 * x[..., 0:1] + 0.587 * x[..., 1:2] + 0.114 * x[..., 2:3]
@@ -133,16 +133,25 @@ def test_color_jitter_applies_the_drawn_order():
   np_ops = {0: lambda y: np_brightness(y, 1.3), 1: lambda y: np_contrast(y, 0.7),
             2: lambda y: np_saturation(y, 1.2),
             3: lambda y: tf.image.adjust_hue(y.astype(np.float32), 0.08).numpy()}
+  jitter = jax.jit(da.color_jitter, static_argnums=2)
   results = []
-  for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+  for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0], [1, 2, 0, 3]):   # hue at each place
     ref = x
     for op in order:
       ref = np_ops[op](ref)
-    got = jax.jit(da.color_jitter, static_argnums=2)(
-        x, dict(factors, order=jnp.array(order)), recipe)
+    got = jitter(x, dict(factors, order=jnp.array(order)), recipe)
     np.testing.assert_allclose(got, ref, atol=3e-6, err_msg=str(order))
     results.append(np.asarray(got))
   assert np.abs(results[0] - results[1]).max() > 1e-2        # the order matters
+  # Without hue (strength 0) the three blends alone, in the drawn order.
+  no_hue = da.Recipe(flip=False, jitter=(0.4, 0.4, 0.4, 0.0), jitter_prob=1.0)
+  got = jitter(x, dict(factors, hue=0.0, order=jnp.array([2, 3, 0, 1])), no_hue)
+  np.testing.assert_allclose(got, np_ops[1](np_ops[0](np_ops[2](x))), atol=3e-6)
+  # Zero strengths draw factor 1 / hue 0: exactly the identity.
+  none = da.Recipe(flip=False, jitter=(0.0, 0.0, 0.0, 0.0), jitter_prob=1.0)
+  f = da.draw_factors(jax.random.key(0), none)
+  assert [float(f[k]) for k in ("brightness", "contrast", "saturation", "hue")] == [1, 1, 1, 0]
+  np.testing.assert_array_equal(jitter(x, f, none), x)
 
 
 # ---- random factors ---------------------------------------------------------------------------
@@ -204,7 +213,8 @@ def test_factors_are_independent_across_rows_views_and_steps():
   assert abs(np.corrcoef(f["jitter"], f["grayscale"])[0, 1]) < bound
   # A row's keys do not depend on the batch size (nor, hence, on how it is split).
   small = jax.random.key_data(da.example_keys(0, jnp.int32(3), 8))
-  np.testing.assert_array_equal(small, jax.random.key_data(da.example_keys(0, jnp.int32(3), 64))[:8])
+  large = jax.random.key_data(da.example_keys(0, jnp.int32(3), 64))
+  np.testing.assert_array_equal(small, large[:8])
 
 
 def test_recipes_check_their_settings():
@@ -295,3 +305,92 @@ def test_batch_errors_name_the_problem():
     augment({"image": _pixels()}, jnp.int32(0))
   with pytest.raises(TypeError, match="uint8"):
     augment({"image": _pixels().astype(np.int32), "image2": _pixels()}, jnp.int32(0))
+
+
+# ---- across the host -> device boundary, and inside the train step ---------------------------
+
+def test_uint8_views_cross_the_boundary_as_uint8():
+  from xclip_jax.data import global_batches, synthetic
+  c = declip_config.get_config("demo")
+  c.batch_size = 16
+  views = registry.get_method("declip").views
+  mesh = mesh_lib.make_mesh(dict(data=8))
+  sharding = mesh_lib.batch_sharding(mesh)
+  host = synthetic.host_batches(c, sharding, start_step=3, views=views)
+  with global_batches.GlobalBatchIterator(host, sharding, prefetch=2) as it:
+    batch = next(it)
+  assert sorted(batch) == sorted(views.keys)
+  expected = synthetic.global_batch(c, 3, views)
+  for key in ("image", "image2"):
+    assert batch[key].dtype == jnp.uint8 and batch[key].sharding == sharding
+    assert batch[key].addressable_shards[0].data.nbytes == 2 * 32 * 32 * 3     # 1 byte / value
+    np.testing.assert_array_equal(np.asarray(batch[key]), expected[key])
+  # Plausible pixels: the whole range, smooth (neighbours close), views of a row alike.
+  image = expected["image"].astype(np.float32)
+  assert image.min() < 30 and image.max() > 225
+  assert np.abs(np.diff(image, axis=2)).mean() < 15
+  assert np.abs(image - expected["image2"]).mean() < 15 < np.abs(image - image[::-1]).mean()
+
+
+def _declip_step(config, augment):
+  from xclip_jax import optim
+  from xclip_jax import train_state as ts
+  from xclip_jax.models import two_tower
+  from tests.test_declip_model import TEXT_SPEC
+  method = registry.get_method("declip")
+  mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2))
+  graphdef, params, rest = mesh_lib.create_sharded(
+      lambda: two_tower.build_model(config, eos_id=2, seed=0), mesh)
+  tx, schedule = optim.make_optimizer(config, params)
+  state = ts.init_train_state(params, rest, tx, mesh, 0,
+                              ts.init_method_state(method, config, mesh, 0))
+  step = ts.jit_train_step(
+      ts.make_train_step(graphdef, tx, schedule, method, config, TEXT_SPEC, augment=augment),
+      ts.shardings_of(state), mesh_lib.batch_sharding(mesh), mesh)
+  return state, step, mesh
+
+
+@pytest.mark.slow
+def test_train_step_augments_uint8_views_from_its_step_counter():
+  from tests.test_declip_model import make_batch, tiny_config
+  config = tiny_config()
+  config.data.flip = True
+  batch = dict(make_batch(), image=_pixels(16, 32, seed=4), image2=_pixels(16, 32, seed=5))
+  results = {}
+  for augment in (True, False):
+    state, step, mesh = _declip_step(config, augment)
+    sharding = mesh_lib.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+      for s in range(2):    # the second step draws the augmentations of step counter 1
+        given = batch
+        if not augment:     # the same augmentation done outside the step
+          fn = da.make_batch_augment(registry.get_method("declip").views, config.data,
+                                     config.seed)
+          given = jax.device_get(jax.jit(fn)(batch, jnp.int32(s)))
+        state, m = step(state, jax.device_put(given, sharding))
+    results[augment] = (jax.device_get(m), jax.device_get(state["params"]))
+  (m_on, p_on), (m_off, p_off) = results[True], results[False]
+  for name in ("loss", "clip_loss", "simsiam_loss", "mlm_loss"):
+    np.testing.assert_allclose(m_on[name], m_off[name], rtol=1e-5, err_msg=name)
+  for a, b in zip(jax.tree.leaves(p_on), jax.tree.leaves(p_off)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_accumulation_sees_the_augmented_batch():
+  # Augmenting after the split into micro-batches would give rows other keys: different losses.
+  from tests.test_train import _tiny_state, tiny_config
+  rng = np.random.RandomState(0)
+  text = rng.randint(4, 200, size=(32, 32)).astype(np.int32)
+  text[:, 9], text[:, 10:] = 2, 0
+  batch = {"image": _pixels(32, 32, seed=6), "text": text}
+  mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2))
+  results = {}
+  for steps in (1, 4):
+    config = tiny_config("", **{"model.image.patch_size": 8, "accum_steps": steps,
+                                "batch_size": 32, "optim.eps": 1e-3, "data.flip": True})
+    state, step = _tiny_state(mesh, config)
+    with jax.set_mesh(mesh):
+      _, m = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
+    results[steps] = (float(m["loss"]), float(m["grad_norm"]))
+  np.testing.assert_allclose(results[4], results[1], rtol=2e-5)
