@@ -121,8 +121,8 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
     # Per-example stateless seeds from (process seed, position in the stream): reproducible.
     seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([base_seed, index]),
                                                               n_seeds))
-    text_seed, eda_seeds, image_seeds = seeds[0], seeds[1:1 + len(plan.eda_keys)], seeds[
-        1 + len(plan.eda_keys):]
+    n_eda = len(plan.eda_keys)
+    text_seed, eda_seeds, image_seeds = seeds[0], seeds[1:1 + n_eda], seeds[1 + n_eda:]
     image_bytes = pipeline.get_numpy_field(example, d.image_key)
     text = pipeline.get_caption(example, d.text_key, text_seed)
     status = tf.where(tf.strings.length(tf.strings.strip(text)) == 0, _EMPTY_CAPTION, _OK)
