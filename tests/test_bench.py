@@ -38,13 +38,32 @@ def test_analytic_flops_hand_computed():
 
 @pytest.mark.parametrize("module", [clip_config, declip_config])
 def test_tiny_benchmark_reports_sane_figures(module):
-  result = bench.run_benchmark(_tiny(module), steps=2)
+  result = bench.run_benchmark(_tiny(module), steps=2)   # augment="both": two steps compiled
   assert result["step_time_median"] > 0 and result["images_per_sec"] > 0
   assert result["compile_seconds"] > 0
   assert 0 < result["mfu"] < 1.5
   assert result["flops_per_step_xla_scan_body_once"] > 0
   assert result["temp_bytes_per_device"] > 0
   assert result["devices"] == 8 and result["mesh"]["data"] == 8
+  # Both steps were timed (with and without device augmentation) over the declared views.
+  assert result["device_augment"] is True and result["step_time_median_no_augment"] > 0
+  assert result["augment_overhead"] == pytest.approx(
+      result["step_time_median"] / result["step_time_median_no_augment"] - 1)
+  assert 0 < result["augment_only_time_median"] < result["step_time_median"]
+  assert result["augment_only_share"] == pytest.approx(
+      result["augment_only_time_median"] / result["step_time_median_no_augment"])
+  views = {"image": "moco", "image2": "moco"} if module is declip_config else {"image": "clip"}
+  assert result["image_views"] == views
+  assert result["image_bytes_per_step"] == 8 * 16 * 16 * 3 * len(views)   # uint8: 1 byte/pixel
+
+
+def test_benchmark_without_device_augmentation_times_one_step():
+  result = bench.run_benchmark(_tiny(clip_config), steps=1, augment="off")
+  assert result["device_augment"] is False and result["step_time_median"] > 0
+  assert not {"step_time_median_no_augment", "augment_overhead", "augment_only_share"} & set(result)
+  assert result["image_bytes_per_step"] == 8 * 16 * 16 * 3       # what the pipeline sends: uint8
+  with pytest.raises(ValueError, match="augment='sometimes'"):
+    bench.run_benchmark(_tiny(clip_config), steps=1, augment="sometimes")
 
 
 def test_bench_runs_without_tensorflow(tmp_path):

@@ -5,6 +5,7 @@ a TFDS dataset; exact counts by reason, unsafe tar paths, resume, the CLI, train
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -20,6 +21,7 @@ from xclip_jax import config as cfglib
 from xclip_jax.data import convert
 from xclip_jax.data import pipeline
 from xclip_jax.data import tokenizer as toklib
+from xclip_jax.data import views as views_lib
 from xclip_jax.data.builders import pair_cleaning
 from xclip_jax.data.builders import pair_dataset
 
@@ -271,8 +273,8 @@ def test_tokenizer_cli_and_train_pipeline_on_converted_data(converted, tmp_path)
   cfglib.apply_demo(c)
   c.data.update(dict(name="my_pairs", data_dir=data_dir, builtin=False, text_key="caption",
                      shuffle_buffer=64))
-  ds = pipeline.make_train_dataset(c, tokenizer, process_index=0, process_count=1,
-                                   host_batch_size=8)
+  ds = pipeline.make_train_dataset(c, tokenizer, views=views_lib.SINGLE, process_index=0,
+                                   process_count=1, host_batch_size=8)
   batch = next(ds.as_numpy_iterator())
   assert batch["image"].shape == (8, 32, 32, 3) and batch["text"].shape == (8, 32)
   assert batch[pipeline.STATS_KEY]["records"] == 8
@@ -287,5 +289,25 @@ def test_host_pipeline_benchmark_runs_every_mode(converted):
   c.model.image.image_size, c.model.text.context_length = 32, 16
   tokenizer = toklib.Tokenizer(model_proto=toklib.train_tokenizer(["a red cat", "a dog"], 32))
   results = bench.run(c, tokenizer, records=16, batch=4, cores=1, seconds=0.2)
-  assert set(results["modes"]) == set(bench.MODES)
-  assert all(r["images_per_sec"] > 0 for r in results["modes"].values())
+  assert set(results["modes"]) == set(bench.MODES) == {"decode", "clip", "two_views"}
+  for r in results["modes"].values():
+    assert r["images_per_sec"] > 0 and r["cpu_us_per_image"] > 0
+    assert r["fraction_of_decode"] > 0 and r["cpu_fraction_of_decode"] > 0
+  assert results["modes"]["decode"]["fraction_of_decode"] == 1.0
+  assert results["text"]["tokenize_us_per_caption"] > 0
+  assert results["text"]["eda_us_per_caption"] > 0
+
+
+def test_host_pipeline_benchmark_cli_exits_0_and_writes_json(converted, tmp_path):
+  data_dir, _ = converted
+  out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "xclip_jax.data.bench", "--dataset=my_pairs",
+       f"--data_dir={data_dir}", "--text_key=caption", "--records=8", "--batch=4", "--cores=1",
+       "--seconds=0.1", "--image_size=32", "--context_length=16", f"--json={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for mode in ("decode", "clip", "two_views"):
+    assert re.search(rf"{mode}:.*images/s/core.*x decode", result.stdout), result.stdout
+  saved = json.loads(out.read_text())
+  assert set(saved["modes"]) == {"decode", "clip", "two_views"}

@@ -17,6 +17,8 @@ from xclip_jax import config as cfglib
 from xclip_jax.data import image as image_lib
 from xclip_jax.data import pipeline
 from xclip_jax.data import tokenizer as toklib
+from xclip_jax.data import view_crops
+from xclip_jax.data import views as views_lib
 from xclip_jax.data.builders import xclip_demo as demo
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -106,35 +108,20 @@ def test_demo_images_are_64px_rgb(demo_dir):
 
 # ---- image ops --------------------------------------------------------------------------------
 
-def test_random_resized_crop_shape_and_normalised_range():
-  image = tf.constant(np.random.default_rng(0).integers(0, 256, (64, 48, 3)), tf.uint8)
-  crops = [image_lib.random_resized_crop(image, 32, tf.constant([i, 7]), scale=(0.3, 1.0))
-           for i in range(8)]
-  assert all(c.shape == (32, 32, 3) and c.dtype == tf.float32 for c in crops)
-  assert len({hashlib.md5(c.numpy().tobytes()).hexdigest() for c in crops}) > 4   # random boxes
-  out = image_lib.normalize(crops[0], MEAN, STD).numpy()
+def test_normalize_range():
   lo, hi = (0 - np.array(MEAN)) / STD, (1 - np.array(MEAN)) / STD
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (8, 8, 3)), tf.uint8)
+  out = image_lib.normalize(image, MEAN, STD).numpy()
   assert (out >= lo - 1e-4).all() and (out <= hi + 1e-4).all()
   white = image_lib.normalize(tf.fill([2, 2, 3], 255), MEAN, STD).numpy()
   np.testing.assert_allclose(white[0, 0], hi, rtol=1e-5)
 
 
 def test_full_scale_crop_is_the_whole_image():
-  image = tf.constant(np.random.default_rng(1).integers(0, 256, (32, 32, 3)), tf.uint8)
-  out = image_lib.random_resized_crop(image, 32, tf.constant([3, 4]), scale=(1.0, 1.0))
-  np.testing.assert_allclose(out.numpy(), image.numpy().astype(np.float32), atol=1e-3)
-
-
-def test_flip_actually_flips():
-  image = tf.constant(np.arange(4 * 5 * 3).reshape(4, 5, 3), tf.float32)
-  flipped = 0
-  for i in range(20):
-    out = image_lib.random_flip(image, tf.constant([i, 0])).numpy()
-    if np.array_equal(out, image.numpy()[:, ::-1]):
-      flipped += 1
-    else:
-      np.testing.assert_array_equal(out, image.numpy())
-  assert 3 <= flipped <= 17
+  image = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+  out = view_crops.decode_views(tf.io.encode_png(image), [tf.constant([3, 4], tf.int64)],
+                                [(1.0, 1.0)], 32)[0]
+  np.testing.assert_array_equal(out.numpy(), image)       # uint8, bit for bit
 
 
 def test_eval_transform_resizes_shorter_side_then_centre_crops():
@@ -166,16 +153,38 @@ def test_get_field_samples_each_caption_of_a_list():
 def test_train_dataset_shapes_and_determinism(demo_config, demo_tokenizer):
   assert demo_tokenizer.vocab_size <= demo_config.model.text.vocab_size
   make = lambda: pipeline.make_train_dataset(   # noqa: E731
-      demo_config, demo_tokenizer, process_index=0, process_count=1, host_batch_size=32)
+      demo_config, demo_tokenizer, views=views_lib.SINGLE, process_index=0, process_count=1,
+      host_batch_size=32)
   batch = next(make().as_numpy_iterator())
-  assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert set(batch) == {"image", "text", pipeline.STATS_KEY}
+  # uint8 crops, neither flipped nor normalised (the train step does that on the device).
+  assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["text"].shape == (32, demo_config.model.text.context_length)
   assert batch["text"].dtype == np.int32
   assert ((batch["text"] == toklib.EOS_ID).sum(1) == 1).all()
-  assert -2.0 < batch["image"].min() < batch["image"].max() < 2.2
+  # Real pixels, in 0..255 (not normalised): the demo's shapes on textured backgrounds.
+  assert batch["image"].max() >= 200 and batch["image"].min() <= 40
+  assert 25 < batch["image"].std() < 90
   again = next(make().as_numpy_iterator())
   np.testing.assert_array_equal(batch["image"], again["image"])
   np.testing.assert_array_equal(batch["text"], again["text"])
+  # Each image is a crop of its record: its colours are the record's (a 0.8-1.0 crop of a 64 px
+  # demo image resized to 32 px keeps the mean colour within a few levels).
+  records = {}
+  for ex in tfds.builder("xclip_demo", data_dir=demo_config.data.data_dir).as_dataset(
+      split=demo_config.data.split).take(512).as_numpy_iterator():
+    records.setdefault(tuple(ex["captions"]["text"]), ex["image"])
+  captions = demo_tokenizer.decode(batch["text"])
+  matched = 0
+  for image, caption in zip(batch["image"], captions):
+    candidates = [im for caps, im in records.items()
+                  if caption.lower() in {c.decode().lower() for c in caps}]
+    if candidates:
+      matched += 1
+      best = min(np.abs(im.reshape(-1, 3).mean(0) - image.reshape(-1, 3).mean(0)).max()
+                 for im in candidates)
+      assert best < 12, best
+  assert matched >= 24
 
 
 def test_process_slices_are_disjoint(demo_config, demo_tokenizer):
@@ -183,8 +192,9 @@ def test_process_slices_are_disjoint(demo_config, demo_tokenizer):
   c.data.crop_scale, c.data.flip = (1.0, 1.0), False   # identity augmentation: images identify examples
   seen = []
   for process_index in range(2):
-    ds = pipeline.make_train_dataset(c, demo_tokenizer, process_index=process_index,
-                                     process_count=2, host_batch_size=64)
+    ds = pipeline.make_train_dataset(c, demo_tokenizer, views=views_lib.SINGLE,
+                                     process_index=process_index, process_count=2,
+                                     host_batch_size=64)
     hashes = set()
     for batch in ds.take(4).as_numpy_iterator():
       hashes |= {hashlib.md5(x.tobytes()).hexdigest() for x in batch["image"]}

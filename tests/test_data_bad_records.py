@@ -17,7 +17,17 @@ from xclip_jax import config as cfglib
 from xclip_jax import train
 from xclip_jax.data import pipeline
 from xclip_jax.data import tokenizer as toklib
+from xclip_jax.data import views as views_lib
 from xclip_jax.data.builders import pair_dataset
+
+
+def _jpeg(w, h, seed):
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:h, 0:w]
+  pixels = (np.sin(x / 9 + seed)[..., None] * 90 + 128 + rng.normal(0, 10, (h, w, 3)))
+  out = io.BytesIO()
+  Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
+  return out.getvalue()
 
 
 def _png(w, h, seed):
@@ -62,6 +72,10 @@ def bad_dataset(tmp_path_factory):
     records.append((image, caption if bad_caption is None else bad_caption))
   _write(str(tmp), "bad_records", records)
   _write(str(tmp), "all_bad", [(b"garbage", "a caption")] * 8)
+  # JPEGs, every third cut at 70%: the rows above the cut still decode on their own.
+  jpegs = [_jpeg(64, 96, i) for i in range(12)]
+  _write(str(tmp), "truncated_jpegs", [(j[: int(len(j) * 0.7)] if i % 3 == 0 else j,
+                                        f"photo number {i}") for i, j in enumerate(jpegs)])
   tokenizer = toklib.Tokenizer(model_proto=toklib.train_tokenizer(
       [f"photo number {i}" for i in range(24)] + ["and more caf"], 64))
   return str(tmp), tokenizer
@@ -78,8 +92,8 @@ def _config(data_dir, name="bad_records", **data):
 
 
 def _batches(config, tokenizer, n, **kw):
-  ds = pipeline.make_train_dataset(config, tokenizer, process_index=0, process_count=1,
-                                   host_batch_size=6, **kw)
+  ds = pipeline.make_train_dataset(config, tokenizer, views=views_lib.SINGLE, process_index=0,
+                                   process_count=1, host_batch_size=6, **kw)
   return list(ds.take(n).as_numpy_iterator())
 
 
@@ -99,7 +113,8 @@ def test_bad_records_are_dropped_and_counted_exactly(bad_dataset):
   assert texts[1] == [f"photo number {i}" for i in (8, 10, 11, 12, 13, 14)]
   assert texts[2][1].endswith("photo number 17") and texts[2][2].startswith("photo number 18")
   for b in batches:
-    assert b["image"].shape == (6, 32, 32, 3) and np.isfinite(b["image"]).all()
+    assert b["image"].shape == (6, 32, 32, 3) and b["image"].dtype == np.uint8
+    assert b["image"].std() > 30           # the records' random pixels, not placeholders
 
 
 def test_exact_resume_and_determinism_with_bad_records(bad_dataset):
@@ -125,8 +140,8 @@ def test_a_block_without_any_usable_record_stops_with_a_clear_error(bad_dataset)
 
 def test_counters_reach_the_train_metrics(bad_dataset):
   data_dir, tokenizer = bad_dataset
-  ds = pipeline.make_train_dataset(_config(data_dir), tokenizer, process_index=0,
-                                   process_count=1, host_batch_size=8)
+  ds = pipeline.make_train_dataset(_config(data_dir), tokenizer, views=views_lib.SINGLE,
+                                   process_index=0, process_count=1, host_batch_size=8)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   with pipeline.GlobalBatchIterator(ds, NamedSharding(mesh, P("data"))) as batches:
     batch = next(batches)
@@ -135,3 +150,14 @@ def test_counters_reach_the_train_metrics(bad_dataset):
     counters = train._data_counters(batches)
   assert counters["data/records"] == 20.0     # two blocks of 8 + 2 spares
   assert counters["data/undecodable_image"] == 2.0 and counters["data/empty_caption"] == 1.0
+
+
+def test_truncated_jpegs_are_dropped_though_only_a_window_is_decoded(bad_dataset):
+  data_dir, tokenizer = bad_dataset
+  # Small crops (3-6% of the area): most windows lie wholly above or below the cut.
+  config = _config(data_dir, name="truncated_jpegs", crop_scale=(0.03, 0.06),
+                   max_image_pixels=0, spare_records=0)
+  batches = _batches(config, tokenizer, 2)          # 12 records, once
+  assert sum(int(b[pipeline.STATS_KEY]["undecodable_image"]) for b in batches) == 4
+  texts = [t for b in batches for t in tokenizer.decode(b["text"])]
+  assert not {f"photo number {i}" for i in (0, 3, 6, 9)} & set(texts)

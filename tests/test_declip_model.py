@@ -114,7 +114,11 @@ def _trajectory(mesh, config, batches):
 @pytest.mark.slow
 def test_declip_train_step_on_8_devices_equals_1_device():
   config = tiny_config()
-  batches = [make_batch(s) for s in range(3)]
+  # The train step takes uint8 pixels and augments them on the device (data/device_augment.py).
+  # make_batch's normal floats would be read as pixels near 0: near-black, near-identical views.
+  pixels = lambda s: {k: np.random.default_rng([s, v]).integers(0, 256, (16, 32, 32, 3), np.uint8)
+                      for v, k in enumerate(("image", "image2"))}
+  batches = [dict(make_batch(s), **pixels(s)) for s in range(3)]
   one = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   eight = mesh_lib.make_mesh(dict(data=4, fsdp=2, tensor=1))
   m1, s1 = _trajectory(one, config, batches)

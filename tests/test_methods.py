@@ -35,7 +35,7 @@ def test_one_sharded_step_per_method(name):
   state = ts.init_train_state(params, rest, tx, mesh, 0)
   step = ts.jit_train_step(ts.make_train_step(graphdef, tx, schedule, method, c, TEXT_SPEC),
                            ts.shardings_of(state), mesh_lib.batch_sharding(mesh), mesh)
-  batch = synthetic.global_batch(c, 0, method.image_views, method.text_views)
+  batch = synthetic.global_batch(c, 0, method.views)
   with jax.set_mesh(mesh):
     state, m = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
   assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0

@@ -156,12 +156,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   batch_sharding = mesh_lib.batch_sharding(mesh)
   if is_synthetic:
     dataset = synthetic.host_batches(config, batch_sharding, start_step=start_step,
-                                     image_views=method.image_views, text_views=method.text_views)
+                                     views=method.views)
   else:
     dataset = pipeline.make_train_dataset(
-        config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
-        host_batch_size=host_batch,
-        image_views=method.image_views, text_views=method.text_views,
+        config, tokenizer, views=method.views, process_index=jax.process_index(),
+        process_count=jax.process_count(), host_batch_size=host_batch,
         **(dict(start_step=start_step) if config.data.exact_resume
            else dict(seed=config.seed + start_step)))
   batches = global_batches.GlobalBatchIterator(dataset, batch_sharding,

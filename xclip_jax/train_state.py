@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from xclip_jax import accumulate
+from xclip_jax.data import device_augment
 from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
 
@@ -75,11 +76,15 @@ def abstract_of(tree: Any) -> Any:
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     method: registry.Method, config: ml_collections.ConfigDict,
-                    text_spec: dict[str, int] | None = None):
+                    text_spec: dict[str, int] | None = None, augment: bool = True):
   """Returns the un-jitted step: (state, batch) -> (state, metrics).
 
-  `text_spec` (the tokenizer's vocab_size and special ids) is needed by methods whose `prepare`
-  edits token ids (DeCLIP's MLM masking).
+  The batch's image views (the method's declared `views`) are uint8 pixels (float is read as
+  0..255 too); the step first augments and normalises them on the device as each view declares
+  (data/device_augment.py), with per-example keys from (config.seed, state["step"], global row).
+  augment=False skips that: the images are then the model's input as given (already normalised
+  float32; benchmarks compare the two). `text_spec` (the tokenizer's vocab_size and special ids)
+  is needed by methods whose `prepare` edits token ids (DeCLIP's MLM masking).
   """
   scale_range = tuple(config.model.logit_scale_range)
   accum_steps = int(config.accum_steps)
@@ -87,8 +92,14 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
     raise ValueError(f"config.accum_steps={accum_steps}: gradient accumulation with cached "
                      f"features supports {sorted(m for m, x in registry.METHODS.items() if x.accumulable)}, "
                      f"not {method.name!r}.")
+  augment_batch = (device_augment.make_batch_augment(method.views, config.data, int(config.seed))
+                   if augment else None)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    if augment_batch is not None:
+      # Before prepare and before accumulation splits the batch: every consumer of the images
+      # sees the augmented, normalised views.
+      batch = augment_batch(batch, state["step"])
     rng, prepare_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     batch = method.prepare(batch, prepare_rng, config, text_spec)
 

@@ -4,30 +4,40 @@
       [--records=2048] [--image_size=224] [--batch=128] [--cores=N] [--seconds=10] [--json=out.json]
 
 Every mode runs on the same records, read once and cached in memory still encoded (so disk and
-the shuffle buffer are left out), through the pipeline's own code (`pipeline.host_batches`):
-  decode          decode only (tf.io.decode_image): the floor every other mode pays
-  clip            decode + CLIP's crop/flip/normalise (1 view) + SentencePiece tokenization
-  two_views       decode + two MoCo v2 views (DeCLIP, SLIP's extra views) + tokenization
+the shuffle buffer are left out), through the pipeline's own code (`train_pipeline.host_batches`)
+with a method's declared views (objectives/registry.py):
+  decode          decode only (tf.io.decode_image of the whole image): the floor
+  clip            CLIP's views: one "clip" crop + tokenization (CLIP, SigLIP, nCLIP, xCLIP)
+  two_views       DeCLIP's views: two "ssl" crops from one decode + the caption's EDA variant +
+                  tokenization of both texts
+  slip            (not run by default: --modes=decode,slip) SLIP's views: a "clip" crop and two
+                  "ssl" crops from one decode + tokenization
+Each is printed per core and as a fraction of decode-only. Then, on one core, the text side per
+caption: tokenization (one SentencePiece call per batch) and EDA.
 tf.data gets `--cores` threads (private thread pool and parallel calls), so images/s/core is the
-figure to size a host with: cores needed = global images/s per host / images/s/core.
-The model step benchmark is `python -m xclip_jax.bench` (synthetic data, no input pipeline).
+figure to size a host with: cores needed = global images/s per host / images/s/core. What the
+device then does (flip, colour, blur, normalisation) is in `python -m xclip_jax.bench`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
 
-import numpy as np
 import tensorflow as tf
 
 from xclip_jax import config as config_lib
+from xclip_jax.data import eda
 from xclip_jax.data import image as image_lib
 from xclip_jax.data import pipeline
 from xclip_jax.data import tokenizer as tokenizer_lib
+from xclip_jax.data import train_pipeline
+from xclip_jax.objectives import registry
 
-MODES = ("decode", "clip", "two_views")
+MODES = ("decode", "clip", "two_views")                   # the default set
+MODE_METHODS = {"clip": "clip", "two_views": "declip", "slip": "slip"}   # whose views a mode runs
 
 
 def _options(cores: int) -> tf.data.Options:
@@ -61,37 +71,82 @@ def mode_dataset(mode: str, records: tf.data.Dataset, config, tokenizer, *, batc
     ds = ds.map(lambda image: tf.shape(image))    # images differ in size: batch their shapes
     ds = ds.batch(batch)
   else:
-    ds = pipeline.host_batches(records.repeat().enumerate(), config, tokenizer, seed=0,
-                               host_batch_size=batch,
-                               image_views=2 if mode == "two_views" else 1)
+    views = registry.get_method(MODE_METHODS[mode]).views
+    ds = train_pipeline.host_batches(records.repeat().enumerate(), config, tokenizer,
+                                     views=views, seed=0, host_batch_size=batch)
   return ds.prefetch(2).with_options(_options(cores))
 
 
-def time_mode(ds: tf.data.Dataset, batch: int, seconds: float, warmup: int = 3) -> float:
-  """Images/s over whole batches for at least `seconds` (after `warmup` batches)."""
+def time_mode(ds: tf.data.Dataset, batch: int, seconds: float, warmup: int = 3
+              ) -> tuple[float, float]:
+  """(images/s, CPU microseconds per image) over whole batches for at least `seconds` (after
+  `warmup` batches). CPU time is the whole process's, all threads: on a machine shared with
+  other jobs it still says what an image costs, where images/s says what this run got."""
   iterator = iter(ds)
   for _ in range(warmup):
     next(iterator)
-  n, start = 0, time.perf_counter()
+  n, start, cpu_start = 0, time.perf_counter(), time.process_time()
   while True:
     next(iterator)
     n += 1
     elapsed = time.perf_counter() - start
     if elapsed >= seconds and n >= 3:
-      return n * batch / elapsed
+      return n * batch / elapsed, (time.process_time() - cpu_start) / (n * batch) * 1e6
+
+
+def text_costs(records: tf.data.Dataset, config, tokenizer, *, batch: int,
+               seconds: float) -> dict:
+  """Microseconds per caption, on one core, of tokenization and of EDA (both in Python)."""
+  captions = [pipeline.get_numpy_field(e, config.data.text_key) for e in
+              records.take(batch).as_numpy_iterator()]
+  captions = [(c if isinstance(c, bytes) else c.reshape(-1)[0]).decode("utf-8", "replace")
+              for c in captions]
+  lexicon = eda.load_synonyms()
+  lexicon.synonyms.cache_clear()
+
+  def per_caption(fn) -> float:
+    n, start = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < seconds:
+      fn(n)
+      n += 1
+    return (time.perf_counter() - start) / (n * len(captions)) * 1e6
+
+  length = config.model.text.context_length
+  seeds = [random.Random(i).getrandbits(63) for i in range(len(captions))]
+  return {"tokenize_us_per_caption": per_caption(lambda n: tokenizer.encode(captions, length)),
+          "eda_us_per_caption": per_caption(
+              lambda n: eda.augment_batch(captions, [s + n for s in seeds], lexicon))}
 
 
 def run(config, tokenizer, *, records: int, batch: int, cores: int, seconds: float,
         modes=MODES) -> dict:
+  unknown = set(modes) - {"decode", *MODE_METHODS}
+  if unknown:
+    raise ValueError(f"Unknown modes {sorted(unknown)}: choose from decode, "
+                     f"{', '.join(MODE_METHODS)}.")
   config.data.num_parallel_calls = cores
   cached = cached_records(config, records)
   results = {"dataset": config.data.name, "records": records, "batch": batch, "cores": cores,
              "image_size": config.model.image.image_size, "modes": {}}
   for mode in modes:
-    rate = time_mode(mode_dataset(mode, cached, config, tokenizer, batch=batch, cores=cores),
-                     batch, seconds)
-    results["modes"][mode] = {"images_per_sec": rate, "images_per_sec_per_core": rate / cores}
-    print(f"{mode:>10}: {rate:9,.0f} images/s   {rate / cores:8,.0f} images/s/core", flush=True)
+    rate, cpu_us = time_mode(
+        mode_dataset(mode, cached, config, tokenizer, batch=batch, cores=cores), batch, seconds)
+    results["modes"][mode] = {"images_per_sec": rate, "images_per_sec_per_core": rate / cores,
+                              "cpu_us_per_image": cpu_us}
+  decode = results["modes"].get("decode")
+  for mode, r in results["modes"].items():
+    fraction = ""
+    if decode:
+      r["fraction_of_decode"] = r["images_per_sec"] / decode["images_per_sec"]
+      r["cpu_fraction_of_decode"] = decode["cpu_us_per_image"] / r["cpu_us_per_image"]
+      fraction = (f"{r['fraction_of_decode']:5.2f}x decode   (CPU: {r['cpu_us_per_image']:5.0f} "
+                  f"us/image, {r['cpu_fraction_of_decode']:4.2f}x decode)")
+    print(f"{mode:>10}: {r['images_per_sec']:9,.0f} images/s   "
+          f"{r['images_per_sec_per_core']:8,.0f} images/s/core   {fraction}", flush=True)
+  results["text"] = text_costs(cached, config, tokenizer, batch=batch,
+                               seconds=max(seconds / 4, 0.1))
+  for name, value in results["text"].items():
+    print(f"{name:>24}: {value:8.1f}", flush=True)
   return results
 
 
@@ -118,14 +173,10 @@ def main(argv):
         f"{cores} tf.data threads, {f.seconds:.0f} s per mode")
   results = run(config, tokenizer, records=f.records, batch=f.batch, cores=cores,
                 seconds=f.seconds, modes=f.modes)
-  decode_rate = results["modes"].get("decode", {}).get("images_per_sec")
-  if decode_rate:
-    for mode, r in results["modes"].items():
-      r["fraction_of_decode"] = r["images_per_sec"] / decode_rate
   if f.json:
     with open(f.json, "w", encoding="utf-8") as out:
       json.dump(results, out, indent=2)
-  return results
+  # Returns None: absl's app.run exits with main's return value, and anything else is "failed".
 
 
 if __name__ == "__main__":
@@ -144,6 +195,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch", 128, "Host batch size.")
   flags.DEFINE_integer("cores", 0, "tf.data threads (0 = all cores).")
   flags.DEFINE_float("seconds", 10.0, "Timed seconds per mode.")
-  flags.DEFINE_list("modes", list(MODES), f"Subset of {MODES}.")
+  flags.DEFINE_list("modes", list(MODES), f"Of decode, {', '.join(MODE_METHODS)}.")
   flags.DEFINE_string("json", "", "Also write the results here.")
   app.run(main)

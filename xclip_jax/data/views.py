@@ -41,6 +41,11 @@ class ImageView:
     """Whether this view is randomly mirrored, given config.data."""
     return bool(data_config.flip) if self.flip is None else self.flip
 
+  def crop_scale(self, data_config) -> tuple[float, float]:
+    """The RandomResizedCrop area range of this view's crop kind, given config.data."""
+    field = "crop_scale" if self.crop == "clip" else "view_crop_scale"
+    return tuple(float(s) for s in data_config[field])
+
 
 @dataclasses.dataclass(frozen=True)
 class TextView:
