@@ -10,8 +10,8 @@ Variants (the part after ':' in --config=configs/declip.py:VARIANT):
            the patch embedding frozen at its initialisation (`freeze_conv1`), embed 512,
            ImageNet normalisation, loss weights 0.4 / 0.2 / 0.2 / 0.2, a 65,536-entry text queue.
 
-The demo keeps the CLIP demo's logit-scale range [0, ln 100], trainable patch embedding and
-gradient clipping, so that the two demos differ only in the objective and its views.
+The demo keeps the CLIP demo's logit-scale range [0, ln 100] and trainable patch embedding, so
+that the two demos differ only in the objective and its views; neither clips gradients.
 
 Ablations are one flag: --config.declip.nns_weight=0 (and likewise simsiam/mlm/clip_weight).
 """
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.total_steps = 128_001
   config.batch_size = 4096
   config.optim.update(dict(lr=1e-3, min_lr=0.0, warmup_steps=2500, b1=0.9, b2=0.98, eps=1e-8,
-                           weight_decay=0.1, grad_clip_norm=0.0))
+                           weight_decay=0.1))
   config.data.name = "yfcc15m"                 # prepare it yourself: see README 'Your own data'
   config.data.text_key = "caption"
   config.data.mean, config.data.std = cfglib.IMAGENET_MEAN, cfglib.IMAGENET_STD

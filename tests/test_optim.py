@@ -174,3 +174,14 @@ def test_a_frozen_path_that_matches_nothing_is_an_error():
   labels = optim.parameter_labels(_params(), ("image/blocks",))
   assert labels["image"]["blocks"]["mlp"]["kernel"] == optim.FROZEN
   assert labels["image"]["pos_embedding"] == optim.TRAINABLE
+
+
+def test_recipes_clip_gradients_only_where_their_references_do():
+  from configs import declip, nclip, siglip, slip, xclip
+  for module, variants in ((clip_config, ("demo", "vit_b32", "vit_b16")),
+                           (declip, ("demo", "vit_b32")), (slip, ("demo", "vit_b16")),
+                           (nclip, ("demo", "vit_b16")), (xclip, ("demo", "vit_b16"))):
+    for variant in variants:
+      assert module.get_config(variant).optim.grad_clip_norm == 0.0, (module.__name__, variant)
+  for variant in ("demo", "vit_b16"):
+    assert siglip.get_config(variant).optim.grad_clip_norm == 1.0

@@ -81,7 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   # adamw: each step decays by lr(t) x weight_decay; big_vision: by weight_decay x lr(t) / lr
   # (decay not multiplied by the learning rate, SigLIP's trainer). See optim.py.
   c.optim.decay_convention = "adamw"
-  c.optim.grad_clip_norm = 1.0             # global-norm clipping; 0 disables
+  # Global-norm clipping; 0 disables. CLIP's, SLIP's and DeCLIP's recipes clip nothing (nor
+  # does open_clip by default); SigLIP's (big_vision) clips at 1.
+  c.optim.grad_clip_norm = 0.0
   # A step with a non-finite loss or gradient is skipped; this many in a row stop the run (0: never).
   c.optim.max_nonfinite_steps = 10
   # Parameters whose path contains one of these names get no weight decay (biases, norms, scalars).
@@ -225,7 +227,6 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
   c.data.builtin = False
   c.data.text_key = "caption"
   c.data.crop_scale = (0.9, 1.0)
-  c.optim.grad_clip_norm = 0.0     # CLIP's recipe clips no gradients (nor does open_clip's default)
   c.evals.zeroshot.enabled = False
 
 

@@ -36,8 +36,8 @@ ROWS = P(("data", "fsdp", "tensor"), None)        # a [N, D] array split by rows
 
 # Method options: config path -> (neutral value, what to use instead when a method ignores it).
 METHOD_OPTIONS = {
-    "contrastive.impl": ("global", "SigLIP's memory-saving form is config.siglip.impl=ring"),
-    "siglip.impl": ("global", "the CLIP family's is config.contrastive.impl=chunked"),
+    "contrastive.impl": ("global", "SigLIP's memory-saving form is config.siglip.impl=ring."),
+    "siglip.impl": ("global", "The CLIP family's is config.contrastive.impl=chunked."),
 }
 
 
@@ -105,10 +105,11 @@ def check_options(config) -> None:
     if value != neutral and option not in method.options:
       raise ValueError(f"config.{option}={value!r} has no effect on method {config.method!r} "
                        f"(it reads {', '.join(method.options) or 'no such option'}); leave it at "
-                       f"{neutral!r}. {instead[0].upper() + instead[1:]}.")
+                       f"{neutral!r}. {instead}")
 
 
-def _contrastive(config) -> tuple[Callable[..., tuple[jax.Array, Metrics]], Callable[..., jax.Array]]:
+def _contrastive(config) -> tuple[Callable[..., tuple[jax.Array, Metrics]],
+                                  Callable[..., jax.Array]]:
   """(symmetric InfoNCE, its image -> text half) as config.contrastive.impl computes them."""
   if config.contrastive.impl == "chunked":
     chunk = int(config.contrastive.chunk)
