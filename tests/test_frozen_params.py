@@ -3,6 +3,7 @@ equal to its initialisation, everything else trains, and it carries no optimizer
 
 import jax
 import numpy as np
+import pytest
 
 from xclip_jax.parallel import mesh as mesh_lib
 
@@ -17,6 +18,7 @@ def _batch(seed):
   return {"image": rng.uniform(0, 255, size=(16, 32, 32, 3)).astype(np.uint8), "text": text}
 
 
+@pytest.mark.slow
 def test_frozen_patch_embedding_is_bitwise_unchanged_and_has_no_optimizer_state():
   config = tiny_config("", **{"model.image.patch_size": 8, "model.image.freeze_patch_embed": True,
                               "optim.lr": 1e-2})

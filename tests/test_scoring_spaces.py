@@ -156,6 +156,7 @@ def test_evaluators_score_each_space_like_numpy(demo_dir, module, expected):
   assert results[key] == pytest.approx(100 * correct / count, abs=100 / count + 1e-6)
 
 
+@pytest.mark.slow
 def test_loaded_model_defaults_to_the_methods_first_space():
   c = _tiny(xclip_config)
   mesh = mesh_lib.make_mesh(dict(data=8))
