@@ -8,7 +8,9 @@ Variants (the part after ':' in --config=configs/clip.py:VARIANT):
   vit_l14  CLIP ViT-L/14: width 1024 x 24 layers x 16 heads, patch 14, embed 768, text width 768
            x 12 layers x 12 heads (size a pod slice with `python -m xclip_jax.bench --steps=0`).
 
-Paper-size variants read the TFDS dataset named in `config.data` (none is bundled: see README).
+Paper-size variants clip no gradients (neither OpenAI's recipe nor open_clip's defaults do) and
+clamp the logit-scale parameter to [0, ln 100] after each update. They read the TFDS dataset named
+in `config.data` (none is bundled: see README).
 Any field can be overridden on the command line: --config.optim.lr=3e-4.
 """
 

@@ -5,8 +5,13 @@ Variants (the part after ':' in --config=configs/declip.py:VARIANT):
   demo     the CLIP demo's towers, data and schedule, plus DeCLIP's heads and augmentations.
   vit_b32  the official YFCC15M ViT-B/32 recipe (yfcc15m_vit_declip/config.yaml): batch 4096,
            AdamW (0.9, 0.98, eps 1e-8), weight decay 0.1, peak lr 1e-3 after 2,500 warmup steps,
-           cosine to 0 at 128,001 steps, logit-scale parameter clamped to [3, 6], embed 512,
+           cosine to 0 at 128,001 steps, no gradient clipping, logit-scale parameter clamped to
+           [3, 6] after each update (the forward pass caps exp of it at 100, its gradient kept),
+           the patch embedding frozen at its initialisation (`freeze_conv1`), embed 512,
            ImageNet normalisation, loss weights 0.4 / 0.2 / 0.2 / 0.2, a 65,536-entry text queue.
+
+The demo keeps the CLIP demo's logit-scale range [0, ln 100] and trainable patch embedding, so
+that the two demos differ only in the objective and its views; neither clips gradients.
 
 Ablations are one flag: --config.declip.nns_weight=0 (and likewise simsiam/mlm/clip_weight).
 """
@@ -33,10 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfglib.apply_paper_clip(config, patch_size=32)
   config.model.dtype = "float32"               # the official solver trains in fp32
   config.model.logit_scale_range = (3.0, 6.0)  # `logit_scale_param_value` clamp of the recipe
+  config.model.image.freeze_patch_embed = True  # DeCLIP's ViTs: `freeze_conv1 = True`
   config.total_steps = 128_001
   config.batch_size = 4096
   config.optim.update(dict(lr=1e-3, min_lr=0.0, warmup_steps=2500, b1=0.9, b2=0.98, eps=1e-8,
-                           weight_decay=0.1, grad_clip_norm=0.0))
+                           weight_decay=0.1))
   config.data.name = "yfcc15m"                 # prepare it yourself: see README 'Your own data'
   config.data.text_key = "caption"
   config.data.mean, config.data.std = cfglib.IMAGENET_MEAN, cfglib.IMAGENET_STD

@@ -6,6 +6,8 @@ distribution supervises the other, with sharpness (per-sample entropy down) and 
 Variants: demo (CPU, minutes; K = 256) and vit_b16 (the paper's likely setting: ViT-B/16,
 batch 4096, K = 32768; the paper's exact hyper-parameters were not available, see README).
 Every open choice is a config.nclip field; objectives/nclip.py documents the defaults.
+nCLIP is evaluated through its prototype distributions (its CLIP head is never trained; xCLIP
+reports both): see evaluate/spaces.py.
 """
 
 import ml_collections

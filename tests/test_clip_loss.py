@@ -32,7 +32,9 @@ def test_matches_numpy_reference(n, d, scale):
   img, txt = _normalised(rng, n, d), _normalised(rng, n, d)
   loss, metrics = clip.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.float32(scale))
   np.testing.assert_allclose(float(loss), numpy_clip_loss(img, txt, scale), rtol=2e-5, atol=1e-5)
-  assert 0.0 <= float(metrics["acc_i2t"]) <= 1.0
+  logits = img @ txt.T
+  np.testing.assert_allclose(float(metrics["acc_i2t"]), np.mean(logits.argmax(1) == np.arange(n)))
+  np.testing.assert_allclose(float(metrics["acc_t2i"]), np.mean(logits.argmax(0) == np.arange(n)))
 
 
 def test_hand_computed_two_pairs():

@@ -34,23 +34,63 @@ def test_siglip_matches_numpy():
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (4, 2, 1), (2, 2, 2)])
-def test_siglip_ring_equals_global_in_value_and_gradients(shape):
+def test_siglip_ring_equals_global_in_value_gradients_and_metrics(shape):
   mesh = mesh_lib.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
   axes = ("data", "fsdp", "tensor") if shape[2] > 1 else mesh_lib.BATCH_AXES
   rng = np.random.default_rng(1)
   img, txt = _unit(rng.normal(size=(32, 8))), _unit(rng.normal(size=(32, 8)))
-  txt[:4] = img[:4]
+  txt[:12] = _unit(img[:12] + 0.3 * rng.normal(size=(12, 8)))   # some pairs retrievable
   t, b = np.float32(12.0), np.float32(-3.0)
   sharding = NamedSharding(mesh, P(axes))
   ring = lambda i, x, t, b: siglip.siglip_loss_ring(i, x, t, b, axes=axes)
   with jax.set_mesh(mesh):
-    value, grads = jax.jit(jax.value_and_grad(ring, argnums=(0, 1, 2, 3)))(
+    (value, metrics), grads = jax.jit(jax.value_and_grad(ring, argnums=(0, 1, 2, 3),
+                                                         has_aux=True))(
         jax.device_put(img, sharding), jax.device_put(txt, sharding), t, b)
-  ref, ref_grads = jax.value_and_grad(lambda i, x, t, b: siglip.siglip_loss(i, x, t, b)[0],
-                                      argnums=(0, 1, 2, 3))(img, txt, t, b)
+  (ref, ref_metrics), ref_grads = jax.value_and_grad(siglip.siglip_loss, argnums=(0, 1, 2, 3),
+                                                     has_aux=True)(img, txt, t, b)
   np.testing.assert_allclose(value, ref, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+  # The accuracies computed inside the ring equal numpy's argmax on the full logits.
+  logits = t * img @ txt.T + b
+  acc_i2t = np.mean(logits.argmax(1) == np.arange(32))
+  acc_t2i = np.mean(logits.argmax(0) == np.arange(32))
+  assert 0.2 < acc_i2t < 1 and 0.2 < acc_t2i < 1          # neither trivial nor saturated
+  np.testing.assert_allclose(metrics["acc_i2t"], acc_i2t)
+  np.testing.assert_allclose(metrics["acc_t2i"], acc_t2i)
+  np.testing.assert_allclose(ref_metrics["acc_i2t"], acc_i2t)
+  np.testing.assert_allclose(ref_metrics["acc_t2i"], acc_t2i)
+
+
+def _siglip_temp_bytes(objective, batch, dim, mesh):
+  sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+  spec = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sharding)
+  grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
+  with jax.set_mesh(mesh):
+    return grad.lower(spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_siglip_ring_with_its_metrics_needs_far_less_memory_at_a_32k_batch():
+  """Compile-only: per-device temporaries of the gradient at global batch 32,768, dim 512, for
+  the ring loss with the accuracies the way they used to be computed (global logits under
+  stop-gradient) and with the accuracies computed inside the ring."""
+  mesh = mesh_lib.make_mesh(dict(data=8))
+
+  def before(i, x):
+    loss, _ = siglip.siglip_loss_ring(i, x, 10.0, -10.0)
+    _, metrics = siglip.siglip_loss(jax.lax.stop_gradient(i), jax.lax.stop_gradient(x),
+                                    10.0, -10.0)
+    return loss, metrics
+
+  after = lambda i, x: siglip.siglip_loss_ring(i, x, 10.0, -10.0)
+  old = _siglip_temp_bytes(before, 32768, 512, mesh)
+  new = _siglip_temp_bytes(after, 32768, 512, mesh)
+  print(f"SigLIP ring temp bytes per device at B=32768: with global-logit metrics "
+        f"{old / 2**20:.0f} MiB, metrics inside the ring {new / 2**20:.0f} MiB")
+  block = (32768 // 8)**2 * 4                  # one [B/n, B/n] float32 block of logits
+  assert old > 8 * block                       # the [B/n, B] logits of the global metrics
+  assert new < 4 * block                       # a few blocks at a time, whatever B/n is
 
 
 # ---- SimCLR -------------------------------------------------------------------------------------

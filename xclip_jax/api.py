@@ -6,6 +6,10 @@
     probs = model.similarity(img, txt, softmax=True)
     classifier = model.zeroshot_classifier(["red circle", "blue square"], templates="demo")
 
+Features and scores follow the method's scoring spaces (`model.scoring_spaces`, see
+evaluate/spaces.py): "clip" for the CLIP family, "prototypes" for nCLIP (whose CLIP head is never
+trained), both for xCLIP; every method below defaults to the first and takes `space=` to pick.
+
 The config is the checkpoint's (merged onto today's schema), the tokenizer is the one the run
 trained with (`model.tokenizer`), and images go through the evaluation preprocessing
 (`model.preprocess`: config.evals.transform, e.g. OpenAI's for imported models). The model is
@@ -18,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import math
 import os
 from typing import Any, Sequence
 
@@ -29,13 +32,16 @@ import numpy as np
 from flax import nnx
 
 from xclip_jax import checkpoint
+from xclip_jax.evaluate import spaces as spaces_lib
+from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _encode(graphdef: Any, which: str, params: Any, model_state: Any, x: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _encode(graphdef: Any, which: str, space: str, params: Any, model_state: Any,
+            x: jax.Array) -> jax.Array:
   model = nnx.merge(graphdef, params, model_state)
-  return model.encode_image(x) if which == "image" else model.encode_text(x)
+  return model.encode_image(x, space) if which == "image" else model.encode_text(x, space)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +67,10 @@ class LoadedModel:
     self.tokenizer = tokenizer
     self.image_size = int(config.model.image.image_size)
     self.context_length = int(config.model.text.context_length)
+    method = registry.get_method(config.method)
+    # Spaces zero-shot and retrieval score in (the first is the default) and the probe's features.
+    self.scoring_spaces: tuple[str, ...] = tuple(method.scoring_spaces)
+    self.probe_space: str = method.probe_space
 
   # ---- inspection ---------------------------------------------------------------------------------
 
@@ -71,9 +81,9 @@ class LoadedModel:
 
   @property
   def logit_scale(self) -> float:
-    """exp(logit_scale) as the model applies it (clamped at config.model.logit_scale_max)."""
-    return float(min(math.exp(float(self.params["logit_scale"])),
-                     float(self.config.model.logit_scale_max)))
+    """The multiplier of the cosines as the model's forward pass applies it (`module.scale()`:
+    exp of the parameter, capped at config.model.logit_scale_max)."""
+    return float(jax.device_get(self.module.scale()))
 
   def param_table(self) -> list[ParamRow]:
     """Every parameter: '/'-joined path, shape, dtype, element count and sharding spec."""
@@ -122,8 +132,15 @@ class LoadedModel:
 
   # ---- embeddings ---------------------------------------------------------------------------------
 
-  def encode_image(self, images: Any, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised float32 [N, D] image embeddings.
+  def _space(self, space: str | None) -> str:
+    space = self.scoring_spaces[0] if space is None else space
+    spaces_lib.check_spaces((space,))
+    return space
+
+  def encode_image(self, images: Any, batch_size: int = 256, space: str | None = None
+                   ) -> np.ndarray:
+    """float32 [N, D] image features of `space` (default: the method's first scoring space;
+    "clip": L2-normalised embeddings, "prototypes": log p_v; "pooled" also works).
 
     `images`: anything `preprocess` takes, or an already preprocessed float array [N, S, S, 3].
     """
@@ -132,17 +149,25 @@ class LoadedModel:
     if images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"Preprocessed images must be [N, {self.image_size}, {self.image_size}, 3]"
                        f", got {images.shape}.")
-    return self._embed("image", images.astype(np.float32), batch_size)
+    space = space if space == "pooled" else self._space(space)
+    return self._embed("image", space, images.astype(np.float32), batch_size)
 
-  def encode_text(self, texts: Sequence[str] | np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised float32 [N, D] text embeddings of strings (or of int token ids [N, L])."""
+  def encode_text(self, texts: Sequence[str] | np.ndarray, batch_size: int = 256,
+                  space: str | None = None) -> np.ndarray:
+    """float32 [N, D] text features of `space` (default: the method's first scoring space;
+    "clip": L2-normalised embeddings, "prototypes": q_t) of strings or int token ids [N, L]."""
     ids = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == "i" else self.tokenize(texts)
-    return self._embed("text", ids.astype(np.int32), batch_size)
+    space = space if space == "pooled" else self._space(space)
+    return self._embed("text", space, ids.astype(np.int32), batch_size)
 
   def similarity(self, image_emb: np.ndarray, text_emb: np.ndarray, *,
-                 softmax: bool = False) -> np.ndarray:
-    """[N_img, N_txt] scaled cosine logits as in training; softmax=True: over texts per image."""
-    logits = self.logit_scale * np.asarray(image_emb) @ np.asarray(text_emb).T
+                 softmax: bool = False, space: str | None = None) -> np.ndarray:
+    """[N_img, N_txt] scores as the evaluators rank them: in the "clip" space the scaled cosine
+    logits of training, in "prototypes" Σ_k q_t(k) log p_v(k); softmax=True: over texts per
+    image. `space` must be the one the features were encoded in (default: the first)."""
+    space = self._space(space)
+    scale = self.logit_scale if space in spaces_lib.SCALED_BY_LOGIT_SCALE else 1.0
+    logits = scale * np.asarray(image_emb, np.float32) @ np.asarray(text_emb, np.float32).T
     if not softmax:
       return logits
     logits = logits - logits.max(axis=1, keepdims=True)
@@ -150,31 +175,38 @@ class LoadedModel:
     return probs / probs.sum(axis=1, keepdims=True)
 
   def zeroshot_classifier(self, class_names: Sequence[str],
-                          templates: str | Sequence[str] = "clip80") -> np.ndarray:
-    """[C, D] class embeddings: each class's prompts embedded, averaged, renormalised, as the
-    zero-shot evaluator does. `templates` is a set name (demo, short, clip80) or a list."""
+                          templates: str | Sequence[str] = "clip80",
+                          space: str | None = None) -> np.ndarray:
+    """[C, D] class features, as the zero-shot evaluator builds them: in the "clip" space each
+    class's prompt embeddings averaged and renormalised, in "prototypes" the mean of its prompts'
+    q_t. `templates` is a set name (demo, short, clip80) or a list."""
     from xclip_jax.evaluate import templates as templates_lib  # noqa: PLC0415
-    from xclip_jax.evaluate import zeroshot  # noqa: PLC0415
+    space = self._space(space)
     if isinstance(templates, str):
       templates = templates_lib.get_templates(templates)
     prompts = [t.format(name) for name in class_names for t in templates]
-    return np.asarray(zeroshot.class_embeddings(jnp.asarray(self.encode_text(prompts)),
-                                                len(class_names)))
+    return np.asarray(spaces_lib.class_features(
+        space, jnp.asarray(self.encode_text(prompts, space=space)), len(class_names)))
 
-  def _embed(self, which: str, rows: np.ndarray, batch_size: int) -> np.ndarray:
+  def _embed(self, which: str, space: str, rows: np.ndarray, batch_size: int) -> np.ndarray:
     """Runs one tower over `rows` in mesh-divisible, zero-padded batches; padding dropped."""
     shards = int(np.prod([self.mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
     batch_size = max(shards, -(-batch_size // shards) * shards)
     sharding = mesh_lib.batch_sharding(self.mesh)
+    encode = functools.partial(_encode, self.graphdef, which, space, self.params,
+                               self.model_state)
     out = []
     with jax.set_mesh(self.mesh):
       for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         n = len(chunk)
         padded = np.concatenate([chunk, np.zeros((-n % shards,) + chunk.shape[1:], chunk.dtype)])
-        x = jax.device_put(padded, sharding)
-        out.append(np.asarray(_encode(self.graphdef, which, self.params, self.model_state, x))[:n])
-    return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+        out.append(np.asarray(encode(jax.device_put(padded, sharding)))[:n])
+      if not out:
+        dim = jax.eval_shape(encode, jax.ShapeDtypeStruct((shards,) + rows.shape[1:],
+                                                          rows.dtype)).shape[-1]
+        return np.zeros((0, dim), np.float32)
+    return np.concatenate(out)
 
 
 def _as_uint8_rgb(item: Any) -> np.ndarray:

@@ -52,10 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"                   # none | full | dots (jax.checkpoint policy per block)
   c.model.activation = "quick_gelu"        # CLIP's QuickGELU; "gelu" for exact GELU
   c.model.logit_scale_init = math.log(1 / 0.07)
-  c.model.logit_scale_max = 100.0          # exp(logit_scale) is clamped here in the forward pass
-  c.model.logit_scale_range = ()           # (lo, hi): clamp the *parameter* after each update
+  # The forward pass multiplies by min(exp(logit_scale), logit_scale_max), with the gradient of
+  # that value kept at the cap (DeCLIP's `.data` clamp), so the parameter can come back down.
+  c.model.logit_scale_max = 100.0
+  # (lo, hi): the method clamps the *parameter* here after each update; () = (0, ln max), CLIP's.
+  c.model.logit_scale_range = ()
   c.model.image = ml_collections.ConfigDict(
-      dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0))
+      dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0,
+           freeze_patch_embed=False))      # True: no updates to the patch embedding (DeCLIP)
   c.model.text = ml_collections.ConfigDict(
       dict(context_length=77, width=512, layers=12, heads=8, mlp_ratio=4.0, vocab_size=32_000,
            causal=True))
@@ -74,7 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
   c.optim.weight_decay = 0.2
-  c.optim.grad_clip_norm = 1.0             # global-norm clipping; 0 disables
+  # adamw: each step decays by lr(t) x weight_decay; big_vision: by weight_decay x lr(t) / lr
+  # (decay not multiplied by the learning rate, SigLIP's trainer). See optim.py.
+  c.optim.decay_convention = "adamw"
+  # Global-norm clipping; 0 disables. CLIP's, SLIP's and DeCLIP's recipes clip nothing (nor
+  # does open_clip by default); SigLIP's (big_vision) clips at 1.
+  c.optim.grad_clip_norm = 0.0
   # A step with a non-finite loss or gradient is skipped; this many in a row stop the run (0: never).
   c.optim.max_nonfinite_steps = 10
   # Parameters whose path contains one of these names get no weight decay (biases, norms, scalars).
@@ -250,9 +259,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"config.batch_size={c.batch_size}.")
   if c.contrastive.impl not in ("global", "chunked"):
     raise ValueError(f"config.contrastive.impl={c.contrastive.impl!r}: use global or chunked.")
+  if c.siglip.impl not in ("global", "ring"):
+    raise ValueError(f"config.siglip.impl={c.siglip.impl!r}: use global or ring.")
+  registry.check_options(c)
   if c.contrastive.impl == "chunked" and c.batch_size % min(c.contrastive.chunk, c.batch_size):
     raise ValueError(f"config.contrastive.chunk={c.contrastive.chunk} must divide "
                      f"config.batch_size={c.batch_size}.")
+  if c.optim.decay_convention not in ("adamw", "big_vision"):
+    raise ValueError(f"config.optim.decay_convention={c.optim.decay_convention!r}: use adamw or "
+                     "big_vision.")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype={c.model.dtype!r}: use float32 or bfloat16.")
   if c.model.remat not in ("none", "full", "dots"):

@@ -1,4 +1,19 @@
-"""The optimiser: optax AdamW with a linear-warmup + cosine schedule, a weight-decay mask, clipping."""
+"""The optimiser: optax AdamW with a linear-warmup + cosine schedule, a weight-decay mask, clipping,
+a weight-decay convention, and frozen parameters.
+
+Weight-decay conventions (`config.optim.decay_convention`):
+  adamw       optax.adamw / PyTorch AdamW: each step shrinks a decayed parameter by
+              lr(t) x weight_decay (CLIP, SLIP, DeCLIP, open_clip).
+  big_vision  big_vision's optax.make: decay is added after the learning-rate scaling, as
+              weight_decay x schedule(t) with schedule(t) = lr(t) / lr (1 at the peak), so each step
+              shrinks by weight_decay x lr(t) / lr (SigLIP). Written as AdamW with weight decay
+              weight_decay / lr, which is the same update.
+
+Frozen parameters (`frozen_paths`) get no update, no weight decay, no optimizer state and do not
+count in gradient clipping: `optax.multi_transform` sends them to `optax.set_to_zero()` and every
+other parameter through the optimiser chain. DeCLIP's frozen patch embedding uses it; LiT (a frozen
+tower) is one more path prefix.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +22,9 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+
+DECAY_CONVENTIONS = ("adamw", "big_vision")
+TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -35,15 +53,69 @@ def weight_decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> tuple[optax.GradientTransformation,
-                                                                              optax.Schedule]:
-  """Returns (tx, schedule). `params` is only used to build the decay mask's tree structure."""
+def frozen_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """'/'-joined parameter path prefixes the config freezes."""
+  paths = []
+  if config.model.image.get("freeze_patch_embed", False):
+    paths.append("image/patch_embed")         # DeCLIP's ViTs (`freeze_conv1`)
+  return tuple(paths)
+
+
+def parameter_labels(params: Any, frozen: tuple[str, ...]) -> Any:
+  """FROZEN for every parameter whose path starts with one of `frozen`, else TRAINABLE.
+
+  A prefix that matches no parameter is an error (a typo would otherwise train what it meant to
+  freeze)."""
+  prefixes = [tuple(p.strip("/").split("/")) for p in frozen]
+  used = set()
+
+  def label(path, _):
+    names = _path_names(path)
+    for prefix in prefixes:
+      if names[:len(prefix)] == prefix:
+        used.add(prefix)
+        return FROZEN
+    return TRAINABLE
+
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  unused = ["/".join(p) for p in prefixes if p not in used]
+  if unused:
+    raise ValueError(f"Frozen parameter path(s) {unused} match no parameter of the model.")
+  return labels
+
+
+def _decoupled_weight_decay(optim: ml_collections.ConfigDict) -> float:
+  """The AdamW weight decay that gives `optim.decay_convention`'s per-step decay."""
+  if optim.decay_convention not in DECAY_CONVENTIONS:
+    raise ValueError(f"config.optim.decay_convention={optim.decay_convention!r}: use one of "
+                     f"{', '.join(DECAY_CONVENTIONS)}.")
+  if optim.decay_convention == "adamw" or not optim.weight_decay:
+    return float(optim.weight_decay)
+  if optim.lr <= 0:
+    raise ValueError("config.optim.decay_convention=big_vision scales decay by lr(t) / lr: "
+                     "config.optim.lr must be positive.")
+  # big_vision: p -= lr(t) * adam + wd * lr(t)/lr * p  ==  p -= lr(t) * (adam + wd/lr * p).
+  return float(optim.weight_decay) / float(optim.lr)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (tx, schedule). `params` is only used for the tree structure of the masks."""
   optim = config.optim
   schedule = learning_rate_schedule(optim, config.total_steps)
+  no_decay = tuple(optim.no_decay)
   parts = []
   if optim.grad_clip_norm and optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  # A callable mask: under multi_transform it is evaluated on the trainable subtree only.
   parts.append(optax.adamw(
       learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-      weight_decay=optim.weight_decay, mask=weight_decay_mask(params, tuple(optim.no_decay))))
-  return optax.chain(*parts), schedule
+      weight_decay=_decoupled_weight_decay(optim),
+      mask=lambda tree: weight_decay_mask(tree, no_decay)))
+  tx = optax.chain(*parts)
+  frozen = frozen_paths(config)
+  if frozen:
+    # Only when something is frozen: the plain chain keeps older checkpoints' optimizer state.
+    tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()},
+                               parameter_labels(params, frozen))
+  return tx, schedule

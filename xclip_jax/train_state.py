@@ -49,9 +49,11 @@ def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransforma
   replicated = mesh_lib.replicated(mesh)
   # Parameter-shaped leaves (Adam's moments) take their parameter's sharding; counts and other
   # scalars are replicated. (Left to propagation, jit replicates them: FSDP would save nothing.)
+  # Frozen parameters have no state: optax marks their place with an empty MaskedNode.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), shardings_of(params),
-      transform_non_params=lambda _: replicated)
+      tx, lambda x, sharding: x if masked(x) else sharding, jax.eval_shape(tx.init, params),
+      shardings_of(params), transform_non_params=lambda _: replicated, is_leaf=masked)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = {
@@ -86,7 +88,6 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
   float32; benchmarks compare the two). `text_spec` (the tokenizer's vocab_size and special ids)
   is needed by methods whose `prepare` edits token ids (DeCLIP's MLM masking).
   """
-  scale_range = tuple(config.model.logit_scale_range)
   accum_steps = int(config.accum_steps)
   if accum_steps > 1 and not method.accumulable:
     raise ValueError(f"config.accum_steps={accum_steps}: gradient accumulation with cached "
@@ -124,9 +125,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
       (loss, (metrics, scale, model_state, method_state)), grads = grad_fn(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    if scale_range:
-      # DeCLIP's YFCC recipes clamp the logit-scale *parameter* after every update.
-      params = dict(params, logit_scale=jnp.clip(params["logit_scale"], *scale_range))
+    # The method's parameter constraints (the CLIP family's logit-scale range).
+    params = method.constrain_params(params, config)
 
     # A non-finite loss or gradient skips the update: every part of the state but the step
     # counter and the rng stays as it was (the batch is consumed). The loop counts the skips.

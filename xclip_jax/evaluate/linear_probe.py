@@ -69,7 +69,9 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
 
 
 class LinearProbeEvaluator:
-  """Top-1 of a linear probe on frozen image embeddings of a TFDS classification dataset.
+  """Top-1 of a linear probe on frozen image features of a TFDS classification dataset: the
+  feature space the method names (`registry.Method.probe_space`: CLIP's L2-normalised
+  embeddings; nCLIP, whose projection is never trained, its pooled class-token features).
 
   Validation is the last `val_percent`% of the train split (TFDS slicing), unless `val_split` names
   one; `max_examples` caps the train split (after slicing off validation).
@@ -78,10 +80,12 @@ class LinearProbeEvaluator:
   def __init__(self, name: str, eval_cfg, config, tokenizer, mesh, graphdef):
     del tokenizer
     from xclip_jax.data import eval_datasets, pipeline  # TensorFlow only where data is read
+    from xclip_jax.objectives import registry
     from xclip_jax.parallel import mesh as mesh_lib
 
     self.name, self._mesh, self._graphdef = name, mesh, graphdef
     self._cfg = eval_cfg
+    self._space = registry.get_method(config.method).probe_space
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = config.data.builtin if eval_cfg.dataset == config.data.name else None
     builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
@@ -111,11 +115,11 @@ class LinearProbeEvaluator:
     from xclip_jax.evaluate import features
     data, skipped = {}, 0
     for split, ds in self._splits.items():
-      emb = features.image_embeddings(ds.as_numpy_iterator(), self._mesh, self._graphdef, params,
-                                      model_state, keys=("label",))
-      data[split] = (emb["emb"], emb["label"])
+      feats = features.image_features(ds.as_numpy_iterator(), self._mesh, self._graphdef,
+                                      params, model_state, (self._space,), keys=("label",))
+      data[split] = (feats[self._space], feats["label"])
       skipped += eval_datasets.skipped_records(self.name, self._split_names[split],
-                                               self._expected[split], len(emb["label"]))
+                                               self._expected[split], len(feats["label"]))
     results = linear_probe(data["train"], data["val"], data["test"], self._num_classes,
                            steps=int(self._cfg.steps))
     results["train_examples"] = float(len(data["train"][1]))

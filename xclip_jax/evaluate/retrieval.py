@@ -4,8 +4,11 @@ image, as CLIP and the retrieval literature report it:
   image -> text: an image counts at k if any of its own captions is among the k best captions.
   text -> image: a caption counts at k if its image is among the k best images.
 
-Ranks count strictly better candidates, so ties go in the query's favour. The similarity matrix is
-built in row chunks on the host from the gathered embeddings (5k x 25k for COCO fits easily).
+Ranks count strictly better candidates, so ties go in the query's favour. The score matrix is
+built in row chunks on the host from the gathered features (5k x 25k for COCO fits easily): the
+dot product of image and text features, i.e. the cosine of CLIP embeddings or nCLIP's
+Σ_k q_t(k) log p_v(k) (evaluate/spaces.py); every space the method names is reported, the first
+under the plain metric names.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ KS = (1, 5, 10)
 
 def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray,
                 ks: Sequence[int] = KS, chunk: int = 1024) -> dict[str, float]:
-  """Recall in percent.
+  """Recall in percent; score(image i, caption j) = image_emb[i] · text_emb[j].
 
   Args:
-    image_emb: [N, D] L2-normalised image embeddings (padding already removed).
-    text_emb: [M, D] L2-normalised caption embeddings.
+    image_emb: [N, D] image features of one scoring space (padding already removed), e.g.
+      L2-normalised embeddings.
+    text_emb: [M, D] caption features of the same space.
     caption_image: [M] index in [0, N) of each caption's image.
   """
   image_emb = np.asarray(image_emb, np.float32)
@@ -63,9 +67,12 @@ class RetrievalEvaluator:
   def __init__(self, name: str, eval_cfg, config, tokenizer, mesh, graphdef):
     import jax
     from xclip_jax.data import eval_datasets  # TensorFlow only where data is read
+    from xclip_jax.evaluate import spaces as spaces_lib
+    from xclip_jax.objectives import registry
     from xclip_jax.parallel import mesh as mesh_lib
 
     self.name, self._mesh, self._graphdef = name, mesh, graphdef
+    self._spaces = spaces_lib.check_spaces(registry.get_method(config.method).scoring_spaces)
     self._batch_size = eval_cfg.batch_size
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = config.data.builtin if eval_cfg.dataset == config.data.name else None
@@ -88,22 +95,28 @@ class RetrievalEvaluator:
     self._split = split
 
   def evaluate(self, params, model_state) -> dict[str, float]:
-    from xclip_jax.evaluate import features
-    images = features.image_embeddings(self._dataset.as_numpy_iterator(), self._mesh,
-                                       self._graphdef, params, model_state, keys=("index",))
     from xclip_jax.data import eval_datasets  # noqa: PLC0415
-    text_emb = features.text_embeddings(self._ids, self._batch_size, self._mesh, self._graphdef,
-                                        params, model_state)
+    from xclip_jax.evaluate import features, spaces as spaces_lib
+    images = features.image_features(self._dataset.as_numpy_iterator(), self._mesh,
+                                     self._graphdef, params, model_state, self._spaces,
+                                     keys=("index",))
+    texts = features.text_features(self._ids, self._batch_size, self._mesh, self._graphdef,
+                                   params, model_state, self._spaces)
     # Images that could not be decoded leave the evaluation with their captions.
     kept = np.sort(images["index"])
     position = np.full(self._num_images, -1, np.int64)
     position[kept] = np.arange(len(kept))
-    image_emb = np.zeros((len(kept), images["emb"].shape[1]), np.float32)
-    image_emb[position[images["index"]]] = images["emb"]          # split order
     caption_image = position[self._caption_image]
     has_image = caption_image >= 0
-    results = recall_at_k(image_emb, text_emb[has_image], caption_image[has_image])
-    results["images"], results["captions"] = float(len(image_emb)), float(has_image.sum())
-    results["skipped"] = float(eval_datasets.skipped_records(
+    results = {}
+    for space in self._spaces:
+      image_feats = np.zeros((len(kept), images[space].shape[1]), np.float32)
+      image_feats[position[images["index"]]] = images[space]      # split order
+      recalls = recall_at_k(image_feats, texts[space][has_image], caption_image[has_image])
+      results.update({spaces_lib.metric_name(self.name, space, k, self._spaces): v
+                      for k, v in recalls.items()})
+    results[f"{self.name}/images"] = float(len(kept))
+    results[f"{self.name}/captions"] = float(has_image.sum())
+    results[f"{self.name}/skipped"] = float(eval_datasets.skipped_records(
         self.name, self._split, self._num_images, len(kept)))
-    return {f"{self.name}/{k}": v for k, v in results.items()}
+    return results

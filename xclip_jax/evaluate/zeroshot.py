@@ -1,10 +1,12 @@
-"""Zero-shot classification: class names x prompt templates -> averaged text embeddings -> top-k.
+"""Zero-shot classification: class names x prompt templates -> per-class text features -> top-k.
 
-The arithmetic is in pure functions (`class_embeddings`, `topk_correct`) so it can be tested
-against numpy; `ZeroShotEvaluator` wires them to a model, a mesh and a TFDS split. Padded examples
-(the split is rarely a multiple of the batch) carry mask 0 and are never counted; records whose
-image cannot be decoded are skipped and counted (`<name>/skipped`). Class names, templates and
-the split of the standard benchmarks come from benchmarks.py (curated package data).
+The arithmetic is in pure functions (`class_embeddings`, `topk_correct`, and evaluate/spaces.py)
+so it can be tested against numpy; `ZeroShotEvaluator` wires them to a model, a mesh and a TFDS
+split. Padded examples (the split is rarely a multiple of the batch) carry mask 0 and are never
+counted; records whose image cannot be decoded are skipped and counted (`<name>/skipped`). Class
+names, templates and the split of the standard benchmarks come from benchmarks.py (curated
+package data). It scores in every space the method names (spaces.py: CLIP embeddings, nCLIP's
+prototype distributions); the first space's results keep the plain metric names.
 """
 
 from __future__ import annotations
@@ -19,17 +21,14 @@ from absl import logging
 from flax import nnx
 
 from xclip_jax.evaluate import benchmarks
+from xclip_jax.evaluate import spaces as spaces_lib
+from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
-
-
-def _l2_normalise(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def class_embeddings(prompt_emb: jax.Array, num_classes: int) -> jax.Array:
   """[C*T, D] prompt embeddings (class-major) -> [C, D]: normalise, average over T, renormalise."""
-  per_class = _l2_normalise(prompt_emb).reshape(num_classes, -1, prompt_emb.shape[-1])
-  return _l2_normalise(per_class.mean(axis=1))
+  return spaces_lib.clip_classes(prompt_emb, num_classes)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
@@ -51,6 +50,7 @@ class ZeroShotEvaluator:
     self.name = name
     self._mesh = mesh
     self._graphdef = graphdef
+    self._spaces = spaces_lib.check_spaces(registry.get_method(config.method).scoring_spaces)
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = eval_cfg.dataset == config.data.name and config.data.builtin
     builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
@@ -85,37 +85,46 @@ class ZeroShotEvaluator:
 
   def _encode_text_fn(self, params, model_state, ids):
     model = nnx.merge(self._graphdef, params, model_state)
-    return model.encode_text(ids)
+    return model.text_features(ids, self._spaces)
 
-  def _count_fn(self, params, model_state, class_emb, batch):
+  def _count_fn(self, params, model_state, class_features, batch):
     model = nnx.merge(self._graphdef, params, model_state)
-    image_emb = model.encode_image(batch["image"])
-    logits = jnp.einsum("bd,cd->bc", image_emb.astype(jnp.float32), class_emb)
+    image_features = model.image_features(batch["image"], self._spaces)
     mask = batch["mask"]
-    return {"top1": topk_correct(logits, batch["label"], mask, 1),
-            "top5": topk_correct(logits, batch["label"], mask, 5),
-            "count": jnp.sum(mask > 0)}
+    counts = {"count": jnp.sum(mask > 0)}
+    for space in self._spaces:
+      logits = spaces_lib.scores(image_features[space], class_features[space])
+      counts[space] = {"top1": topk_correct(logits, batch["label"], mask, 1),
+                       "top5": topk_correct(logits, batch["label"], mask, 5)}
+    return counts
 
   def evaluate(self, params, model_state) -> dict[str, float]:
+    num_classes = len(self.class_names)
     with jax.set_mesh(self._mesh):
-      prompt_emb = jnp.concatenate([
-          self._encode_text(params, model_state, jax.make_array_from_process_local_data(
-              self._batch_sharding, self._local_prompts(start)))
-          for start in range(0, len(self._prompt_ids), self._prompt_chunk)])[: self._num_prompts]
-      class_emb = class_embeddings(prompt_emb, len(self.class_names))
-      totals = {"top1": 0, "top5": 0, "count": 0}
+      chunks = [self._encode_text(params, model_state, jax.make_array_from_process_local_data(
+          self._batch_sharding, self._local_prompts(start)))
+                for start in range(0, len(self._prompt_ids), self._prompt_chunk)]
+      class_features = {space: spaces_lib.class_features(
+          space, jnp.concatenate([c[space] for c in chunks])[: self._num_prompts], num_classes)
+          for space in self._spaces}
+      totals = {"count": 0, **{(s, k): 0 for s in self._spaces for k in ("top1", "top5")}}
       for batch in self._dataset.as_numpy_iterator():
         batch = jax.make_array_from_process_local_data(self._batch_sharding, batch)
-        counts = jax.device_get(self._count(params, model_state, class_emb, batch))
-        for key in totals:
-          totals[key] += int(counts[key])
+        counts = jax.device_get(self._count(params, model_state, class_features, batch))
+        totals["count"] += int(counts["count"])
+        for space in self._spaces:
+          for k in ("top1", "top5"):
+            totals[(space, k)] += int(counts[space][k])
     from xclip_jax.data import eval_datasets  # noqa: PLC0415
     n = max(totals["count"], 1)
     skipped = eval_datasets.skipped_records(self.name, self.split, self._expected, totals["count"])
-    return {f"{self.name}/top1": 100.0 * totals["top1"] / n,
-            f"{self.name}/top5": 100.0 * totals["top5"] / n,
-            f"{self.name}/examples": float(totals["count"]),
-            f"{self.name}/skipped": float(skipped)}
+    results = {f"{self.name}/examples": float(totals["count"]),
+               f"{self.name}/skipped": float(skipped)}
+    for space in self._spaces:
+      for k in ("top1", "top5"):
+        key = spaces_lib.metric_name(self.name, space, k, self._spaces)
+        results[key] = 100.0 * totals[(space, k)] / n
+    return results
 
   def _local_prompts(self, start: int) -> np.ndarray:
     """This process's rows of the chunk at `start` of the (replicated on every host) prompts."""

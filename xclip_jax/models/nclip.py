@@ -1,6 +1,11 @@
 """nCLIP / xCLIP model: the CLIP towers plus a prototype head per modality on the pooled features
 (image class token, text end-of-text token), with one prototype matrix shared by both heads
-(config.nclip.shared_prototypes) so that p_v and p_t index the same K clusters."""
+(config.nclip.shared_prototypes) so that p_v and p_t index the same K clusters.
+
+Its "prototypes" feature space scores as the loss learns: an image gives log p_v (temperature
+config.nclip.image_temp), a text gives its target distribution q_t (config.nclip.target_temp), and
+their dot product Σ_k q_t(k) log p_v(k) = -H(q_t, p_v) is the image half of nCLIP's alignment
+term for that pair (evaluate/spaces.py)."""
 
 from __future__ import annotations
 
@@ -31,12 +36,29 @@ class NclipModel(TwoTower):
     protos = lambda: transformer.normal_param(rngs, 0.02, (bottleneck, k), ("joint", "vocab"))
     self.image_prototypes = protos()
     self.text_prototypes = None if self.shared_prototypes else protos()
+    self.image_temp = float(nclip_cfg["image_temp"])
+    self.target_temp = float(nclip_cfg["target_temp"])
+
+  feature_spaces = TwoTower.feature_spaces + ("prototypes",)
+
+  def _prototype_logits(self, pooled: jax.Array, modality: str) -> jax.Array:
+    image_protos = self.image_prototypes[...]
+    if modality == "image":
+      return self.image_head(pooled, image_protos)
+    text_protos = image_protos if self.shared_prototypes else self.text_prototypes[...]
+    return self.text_head(pooled, text_protos)
+
+  def _space(self, tower_out: dict[str, jax.Array], space: str, modality: str) -> jax.Array:
+    if space != "prototypes":
+      return super()._space(tower_out, space, modality)
+    logits = self._prototype_logits(tower_out["pooled"], modality).astype(jnp.float32)
+    if modality == "image":
+      return jax.nn.log_softmax(logits / self.image_temp, axis=-1)
+    return jax.nn.softmax(logits / self.target_temp, axis=-1)
 
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True
                ) -> dict[str, jax.Array]:
     out = super().__call__(batch, train=train)
-    image_protos = self.image_prototypes[...]
-    text_protos = image_protos if self.shared_prototypes else self.text_prototypes[...]
-    out["image_proto_logits"] = self.image_head(out["image_pooled"], image_protos)
-    out["text_proto_logits"] = self.text_head(out["text_pooled"], text_protos)
+    out["image_proto_logits"] = self._prototype_logits(out["image_pooled"], "image")
+    out["text_proto_logits"] = self._prototype_logits(out["text_pooled"], "text")
     return out

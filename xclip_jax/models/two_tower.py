@@ -38,17 +38,54 @@ class TwoTower(nnx.Module):
     self.logit_scale = nnx.Param(jnp.asarray(model_cfg["logit_scale_init"], jnp.float32))
     self.logit_scale_max = float(model_cfg["logit_scale_max"])
 
-  def encode_image(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] -> L2-normalised float32 [B, embed_dim]."""
-    return l2_normalize(self.image(images)["embed"])
+  # Feature spaces for evaluation: "clip" = the L2-normalised joint embeddings, "pooled" = the
+  # towers' pooled features before the projection (image class token, text end-of-text token).
+  # Heads add theirs (nCLIP: "prototypes"); evaluate/spaces.py says how each space is scored.
+  feature_spaces: tuple[str, ...] = ("clip", "pooled")
 
-  def encode_text(self, ids: jax.Array) -> jax.Array:
-    """int32 [B, L] -> L2-normalised float32 [B, embed_dim]."""
-    return l2_normalize(self.text(ids)["embed"])
+  def _space(self, tower_out: dict[str, jax.Array], space: str, modality: str) -> jax.Array:
+    """One feature space from a tower's outputs; `modality` is "image" or "text"."""
+    del modality
+    if space == "clip":
+      return l2_normalize(tower_out["embed"])
+    if space == "pooled":
+      return tower_out["pooled"].astype(jnp.float32)
+    raise ValueError(f"Feature space {space!r}: {type(self).__name__} has "
+                     f"{', '.join(self.feature_spaces)}.")
+
+  def image_features(self, images: jax.Array, spaces: tuple[str, ...] = ("clip",)
+                     ) -> dict[str, jax.Array]:
+    """[B, H, W, 3] -> {space: float32 [B, D_space]}, one pass of the image tower for all."""
+    out = self.image(images)
+    return {space: self._space(out, space, "image") for space in spaces}
+
+  def text_features(self, ids: jax.Array, spaces: tuple[str, ...] = ("clip",)
+                    ) -> dict[str, jax.Array]:
+    """int32 [B, L] -> {space: float32 [B, D_space]}, one pass of the text tower for all."""
+    out = self.text(ids)
+    return {space: self._space(out, space, "text") for space in spaces}
+
+  def encode_image(self, images: jax.Array, space: str = "clip") -> jax.Array:
+    """[B, H, W, 3] -> float32 [B, D]; by default the L2-normalised joint embedding."""
+    return self.image_features(images, (space,))[space]
+
+  def encode_text(self, ids: jax.Array, space: str = "clip") -> jax.Array:
+    """int32 [B, L] -> float32 [B, D]; by default the L2-normalised joint embedding."""
+    return self.text_features(ids, (space,))[space]
 
   def scale(self) -> jax.Array:
-    """exp(logit_scale), clamped at logit_scale_max as in CLIP (the clamp also stops its grad)."""
-    return jnp.minimum(jnp.exp(self.logit_scale[...]), self.logit_scale_max)
+    """exp(logit_scale) capped at logit_scale_max, as DeCLIP's forward clamps it through `.data`.
+
+    The value is min(exp(s), max) and its derivative in s is that value everywhere, also at the
+    cap: a plain `jnp.minimum` would zero the gradient for good once the cap is reached. Below the
+    cap this is exp(s) exactly. The range of s itself is the method's parameter constraint
+    (registry.Method.constrain_params, after every update): CLIP's [0, ln 100] keeps exp(s) at or
+    below the cap, DeCLIP's YFCC recipe's [3, 6] reaches into it.
+    """
+    s = self.logit_scale[...]
+    value = jax.lax.stop_gradient(jnp.minimum(jnp.exp(s), self.logit_scale_max))
+    # s - sg(s) is exactly 0 in the forward pass, so the value is bitwise min(exp(s), max).
+    return value + value * (s - jax.lax.stop_gradient(s))
 
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True
                ) -> dict[str, jax.Array]:

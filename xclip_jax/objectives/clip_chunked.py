@@ -46,11 +46,9 @@ def _streaming_lse(rows: jax.Array, columns: jax.Array, scale: jax.Array, chunk:
   return final_max + jnp.log(final_sum)
 
 
-def clip_loss_chunked(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, *,
-                      chunk: int = 4096, axes: tuple[str, ...] = BATCH_AXES
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Same value and gradients as `clip.clip_loss`, computed shard by shard on the current mesh
-  (`jax.set_mesh`), the batch split over `axes`. Metrics: each direction's loss."""
+def _sharded_directions(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, *,
+                        chunk: int, axes: tuple[str, ...], both: bool) -> jax.Array:
+  """[i2t] or [i2t, t2i]: each direction's mean cross-entropy, diagonal positives."""
   image_emb = image_emb.astype(jnp.float32)
   text_emb = text_emb.astype(jnp.float32)
   scale = jnp.asarray(scale, jnp.float32)
@@ -59,12 +57,30 @@ def clip_loss_chunked(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Arra
   @functools.partial(jax.shard_map, in_specs=(P(axes), P(axes), P()), out_specs=P(),
                      check_vma=False)
   def sharded(image, text, s):
-    all_images = jax.lax.all_gather(image, axes, tiled=True)
     all_texts = jax.lax.all_gather(text, axes, tiled=True)
     positive = s * jnp.sum(image * text, axis=1)
-    i2t = jnp.sum(_streaming_lse(image, all_texts, s, chunk) - positive)
-    t2i = jnp.sum(_streaming_lse(text, all_images, s, chunk) - positive)
-    return jax.lax.psum(jnp.stack([i2t, t2i]), axes) / global_batch
+    losses = [jnp.sum(_streaming_lse(image, all_texts, s, chunk) - positive)]
+    if both:
+      all_images = jax.lax.all_gather(image, axes, tiled=True)
+      losses.append(jnp.sum(_streaming_lse(text, all_images, s, chunk) - positive))
+    return jax.lax.psum(jnp.stack(losses), axes) / global_batch
 
-  loss_i2t, loss_t2i = sharded(image_emb, text_emb, scale)
+  return sharded(image_emb, text_emb, scale)
+
+
+def clip_loss_chunked(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, *,
+                      chunk: int = 4096, axes: tuple[str, ...] = BATCH_AXES
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Same value and gradients as `clip.clip_loss`, computed shard by shard on the current mesh
+  (`jax.set_mesh`), the batch split over `axes`. Metrics: each direction's loss."""
+  loss_i2t, loss_t2i = _sharded_directions(image_emb, text_emb, scale, chunk=chunk, axes=axes,
+                                           both=True)
   return 0.5 * (loss_i2t + loss_t2i), {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
+
+
+def image_to_text_loss_chunked(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, *,
+                               chunk: int = 4096, axes: tuple[str, ...] = BATCH_AXES
+                               ) -> jax.Array:
+  """The image -> text half alone (DeCLIP's nearest-neighbour term): the same value and gradients
+  as `nns.image_to_text_nce`; only the texts are gathered."""
+  return _sharded_directions(image_emb, text_emb, scale, chunk=chunk, axes=axes, both=False)[0]

@@ -11,11 +11,14 @@
 The code's "CLIP" and "MVS" terms are one average under one weight, unlike the paper's formula
 (../reference notes: follow the code). The caption view `t` is the MLM-masked caption: the masked
 forward pass gives both the CLIP text embedding and the MLM predictions.
+
+`pair_loss` (symmetric InfoNCE) and `image_to_text` (its image -> text half) default to the global
+forms; the registry passes the chunked shard_map forms under config.contrastive.impl=chunked.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,20 +26,26 @@ import jax.numpy as jnp
 from xclip_jax.objectives import clip, mlm, nns, simsiam
 
 
+PairLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
 def multi_view_loss(image_views: tuple[jax.Array, ...], text_views: tuple[jax.Array, ...],
-                    scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean of clip_loss over every (image view, text view) pair; metrics of the first pair."""
+                    scale: jax.Array, pair_loss: PairLoss = clip.clip_loss
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean of pair_loss over every (image view, text view) pair; metrics of the first pair."""
   losses, first = [], None
   for image in image_views:
     for text in text_views:
-      loss, metrics = clip.clip_loss(image, text, scale)
+      loss, metrics = pair_loss(image, text, scale)
       losses.append(loss)
       first = first or metrics
   return sum(losses) / len(losses), first
 
 
 def declip_loss(outputs: Mapping[str, jax.Array], mlm_targets: jax.Array, mlm_weights: jax.Array,
-                queue_state: Mapping[str, jax.Array], weights: Mapping[str, float]
+                queue_state: Mapping[str, jax.Array], weights: Mapping[str, float], *,
+                pair_loss: PairLoss = clip.clip_loss,
+                image_to_text: Callable[..., jax.Array] = nns.image_to_text_nce
                 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
   """The weighted DeCLIP loss, each term's value, and the queue after enqueueing [t_aug; t].
 
@@ -49,7 +58,7 @@ def declip_loss(outputs: Mapping[str, jax.Array], mlm_targets: jax.Array, mlm_we
   terms: dict[str, jax.Array] = {}
   metrics: dict[str, jax.Array] = {}
 
-  terms["clip_loss"], clip_metrics = multi_view_loss(images, texts, scale)
+  terms["clip_loss"], clip_metrics = multi_view_loss(images, texts, scale, pair_loss)
   metrics.update(clip_metrics)
   terms["simsiam_loss"] = simsiam.simsiam_loss(outputs["p1"], outputs["z1"],
                                                outputs["p2"], outputs["z2"])
@@ -59,7 +68,7 @@ def declip_loss(outputs: Mapping[str, jax.Array], mlm_targets: jax.Array, mlm_we
   # Query the queue as it was before this step, then enqueue the EDA texts, then the captions.
   queue = queue_state["queue"]
   neighbours = tuple(nns.nearest_neighbours(queue, t) for t in texts)
-  terms["nns_loss"] = nns.nns_loss(images, neighbours, scale)
+  terms["nns_loss"] = nns.nns_loss(images, neighbours, scale, image_to_text)
   new_queue = nns.enqueue(queue_state, jnp.concatenate([texts[1], texts[0]], axis=0))
 
   total = sum(float(weights[name]) * value for name, value in terms.items())

@@ -12,6 +12,8 @@ only that GPU's texts; a global queue makes the neighbours independent of the de
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -48,10 +50,12 @@ def image_to_text_nce(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Arra
 
 
 def nns_loss(image_views: tuple[jax.Array, ...], neighbours: tuple[jax.Array, ...],
-             scale: jax.Array) -> jax.Array:
+             scale: jax.Array, image_to_text: Callable[..., jax.Array] = image_to_text_nce
+             ) -> jax.Array:
   """Mean over image views and neighbour sets of image -> neighbour-text InfoNCE.
 
   DeCLIP: for each image view x, ½[CE(x, NN(t)) + CE(x, NN(t_aug))], then averaged over views.
+  `image_to_text` is that InfoNCE half (the chunked shard_map form under contrastive.impl=chunked).
   """
-  terms = [image_to_text_nce(x, nn, scale) for x in image_views for nn in neighbours]
+  terms = [image_to_text(x, nn, scale) for x in image_views for nn in neighbours]
   return sum(terms) / len(terms)
