@@ -3,7 +3,7 @@ batch) on two augmented views, through a 4096-4096-256 projection head on the Vi
 
 Variants: demo (CPU, minutes; a 512-512-128 head) and vit_b16 (SLIP's YFCC15M recipe: batch 4096,
 lr 3e-3, weight decay 0.1, no gradient clipping, ImageNet normalisation, SSL crops of scale
-(0.08, 1)). The CLIP view is a plain crop without flip (its declared view, registry.py); the
+(0.08, 1)). The CLIP view is a plain crop without flip (its declared view, methods/slip.py); the
 logit-scale parameter is clamped to [0, ln 100] after each step, as SLIP's main.py does."""
 
 import ml_collections

@@ -40,8 +40,8 @@ def test_accumulated_step_equals_the_full_batch_step():
 def test_methods_without_cacheable_losses_are_refused():
   import configs.declip as declip_config
   from xclip_jax import train_state as ts
-  from xclip_jax.objectives import registry
+  from xclip_jax import methods
   c = declip_config.get_config("demo")
   c.accum_steps = 2
   with pytest.raises(ValueError, match="accum_steps=2.*'declip'"):
-    ts.make_train_step(None, None, None, registry.get_method("declip"), c)
+    ts.make_train_step(None, None, None, methods.get_method("declip"), c)

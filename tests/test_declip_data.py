@@ -6,7 +6,7 @@ import numpy as np
 
 from xclip_jax.data import eda
 from xclip_jax.data import pipeline
-from xclip_jax.objectives import registry
+from xclip_jax import methods
 
 import configs.declip as declip_config
 
@@ -205,7 +205,7 @@ def test_declip_batches_have_two_views_and_an_eda_caption(demo_dir):
   config = declip_config.get_config("demo")
   config.data.data_dir = demo_dir
   tok = tokenizer_lib.resolve_tokenizer(config)
-  views = registry.get_method("declip").views
+  views = methods.get_method("declip").views
   make = lambda: pipeline.make_train_dataset(   # noqa: E731
       config, tok, views=views, process_index=0, process_count=1, host_batch_size=8)
   batch = next(iter(make().as_numpy_iterator()))
@@ -238,7 +238,7 @@ def test_views_are_declared_not_counted(demo_dir):
   config.data.data_dir = demo_dir
   config.data.crop_scale, config.data.view_crop_scale = (1.0, 1.0), (0.02, 0.04)
   tok = tokenizer_lib.resolve_tokenizer(config)
-  slip = pipeline.make_train_dataset(config, tok, views=registry.get_method("slip").views,
+  slip = pipeline.make_train_dataset(config, tok, views=methods.get_method("slip").views,
                                      process_index=0, process_count=1, host_batch_size=4)
   batch = next(iter(slip.as_numpy_iterator()))
   assert set(batch) == {"image", "image2", "image3", "text", pipeline.STATS_KEY}

@@ -11,7 +11,7 @@ from xclip_jax import checkpoint, optim
 from xclip_jax import train_state as ts
 from xclip_jax.models import declip as declip_model
 from xclip_jax.models import two_tower
-from xclip_jax.objectives import registry
+from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.declip as declip_config
@@ -77,7 +77,7 @@ def test_forward_outputs_and_per_view_equivalence():
 def test_queue_is_sharded_over_every_device_and_restored(tmp_path):
   config = tiny_config()
   mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2, tensor=1))
-  state = ts.init_method_state(registry.get_method("declip"), config, mesh, seed=0)
+  state = ts.init_method_state(methods.get_method("declip"), config, mesh, seed=0)
   queue = state["queue"]
   assert queue.shape == (64, 16)
   assert {s.data.shape for s in queue.addressable_shards} == {(8, 16)}
@@ -88,7 +88,7 @@ def test_queue_is_sharded_over_every_device_and_restored(tmp_path):
   ckpt.save(1, state, config)
   ckpt.wait()
   other = mesh_lib.make_mesh(dict(data=8, fsdp=1, tensor=1))
-  target = {"method_state": ts.init_method_state(registry.get_method("declip"), config, other, 1)}
+  target = {"method_state": ts.init_method_state(methods.get_method("declip"), config, other, 1)}
   restored = ckpt.restore(1, ts.abstract_of(target))
   ckpt.close()
   np.testing.assert_array_equal(restored["method_state"]["queue"], np.asarray(queue) * 2)
@@ -97,7 +97,7 @@ def test_queue_is_sharded_over_every_device_and_restored(tmp_path):
 
 
 def _trajectory(mesh, config, batches):
-  method = registry.get_method("declip")
+  method = methods.get_method("declip")
   model_fn = lambda: two_tower.build_model(config, eos_id=2, seed=0)
   graphdef, params, rest = mesh_lib.create_sharded(model_fn, mesh)
   tx, schedule = optim.make_optimizer(config, params)

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from xclip_jax.data import device_augment as da
 from xclip_jax.data import views as views_lib
-from xclip_jax.objectives import registry
+from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.declip as declip_config
@@ -235,7 +235,7 @@ def _pixels(b=16, size=16, seed=0):
 def _declip_batch_augment(flip=True):
   c = declip_config.get_config("vit_b32")
   c.data.flip = flip
-  return da.make_batch_augment(registry.get_method("declip").views, c.data, seed=0), c
+  return da.make_batch_augment(methods.get_method("declip").views, c.data, seed=0), c
 
 
 def test_batch_uses_the_per_row_factors_and_is_deterministic():
@@ -243,7 +243,7 @@ def test_batch_uses_the_per_row_factors_and_is_deterministic():
   batch = {"image": _pixels(b=8, size=12, seed=0), "image2": _pixels(b=8, size=12, seed=1),
            "text": np.ones((8, 4), np.int32)}
   out = jax.jit(augment)(batch, jnp.int32(7))
-  recipe = da.recipe_for(registry.get_method("declip").views.image[1], c.data)
+  recipe = da.recipe_for(methods.get_method("declip").views.image[1], c.data)
   f = _factors(recipe, step=7, view=1, n=8)
   # Eager (op by op, not compiled): also a check on the compiled program.
   ref = jax.vmap(lambda x, fi: da.standardize(da.apply_recipe(da.to_unit(x), fi, recipe),
@@ -281,7 +281,7 @@ def test_batch_on_8_devices_equals_1_device():
 def test_clip_recipe_does_no_colour_work():
   c = declip_config.get_config("vit_b32")
   c.data.flip = True
-  slip = registry.get_method("slip").views
+  slip = methods.get_method("slip").views
   assert slip.image[0].augment == "clip" and not slip.image[0].flips(c.data)
   clip_views = views_lib.Views(image=(views_lib.ImageView("image"),
                                       views_lib.ImageView("image2", flip=False)),
@@ -313,7 +313,7 @@ def test_uint8_views_cross_the_boundary_as_uint8():
   from xclip_jax.data import global_batches, synthetic
   c = declip_config.get_config("demo")
   c.batch_size = 16
-  views = registry.get_method("declip").views
+  views = methods.get_method("declip").views
   mesh = mesh_lib.make_mesh(dict(data=8))
   sharding = mesh_lib.batch_sharding(mesh)
   host = synthetic.host_batches(c, sharding, start_step=3, views=views)
@@ -337,7 +337,7 @@ def _declip_step(config, augment):
   from xclip_jax import train_state as ts
   from xclip_jax.models import two_tower
   from tests.test_declip_model import TEXT_SPEC
-  method = registry.get_method("declip")
+  method = methods.get_method("declip")
   mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2))
   graphdef, params, rest = mesh_lib.create_sharded(
       lambda: two_tower.build_model(config, eos_id=2, seed=0), mesh)
@@ -364,7 +364,7 @@ def test_train_step_augments_uint8_views_from_its_step_counter():
       for s in range(2):    # the second step draws the augmentations of step counter 1
         given = batch
         if not augment:     # the same augmentation done outside the step
-          fn = da.make_batch_augment(registry.get_method("declip").views, config.data,
+          fn = da.make_batch_augment(methods.get_method("declip").views, config.data,
                                      config.seed)
           given = jax.device_get(jax.jit(fn)(batch, jnp.int32(s)))
         state, m = step(state, jax.device_put(given, sharding))

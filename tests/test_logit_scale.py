@@ -1,5 +1,5 @@
 """The logit scale: the forward cap keeps its gradient, each method's parameter range is applied
-after every update (registry.Method.constrain_params), and the parameter can come back down."""
+after every update (methods.Method.constrain_params), and the parameter can come back down."""
 
 import math
 
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from xclip_jax.models import two_tower
-from xclip_jax.objectives import registry
+from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.clip as clip_config
@@ -43,20 +43,20 @@ def test_scale_is_capped_and_its_gradient_never_vanishes(param):
 
 
 def test_each_method_names_its_reference_range():
-  np.testing.assert_allclose(registry.logit_scale_range(clip_config.get_config("vit_b32")),
+  np.testing.assert_allclose(methods.base.logit_scale_range(clip_config.get_config("vit_b32")),
                              (0.0, math.log(100.0)))
-  np.testing.assert_allclose(registry.logit_scale_range(slip_config.get_config("vit_b16")),
+  np.testing.assert_allclose(methods.base.logit_scale_range(slip_config.get_config("vit_b16")),
                              (0.0, math.log(100.0)))
-  assert registry.logit_scale_range(declip_config.get_config("vit_b32")) == (3.0, 6.0)
-  assert registry.logit_scale_range(declip_config.get_config("demo")) == (0.0, math.log(100.0))
+  assert methods.base.logit_scale_range(declip_config.get_config("vit_b32")) == (3.0, 6.0)
+  assert methods.base.logit_scale_range(declip_config.get_config("demo")) == (0.0, math.log(100.0))
   params = {"logit_scale": jnp.float32(9.0), "other": jnp.ones(2)}
   for name, config, value in (("clip", clip_config.get_config("demo"), math.log(100.0)),
                               ("declip", declip_config.get_config("vit_b32"), 6.0),
                               ("siglip", siglip_config.get_config("demo"), 9.0)):
-    out = registry.get_method(name).constrain_params(params, config)
+    out = methods.get_method(name).constrain_params(params, config)
     np.testing.assert_allclose(out["logit_scale"], value, rtol=1e-6, err_msg=name)
     np.testing.assert_array_equal(out["other"], params["other"])
-  out = registry.get_method("declip").constrain_params(
+  out = methods.get_method("declip").constrain_params(
       dict(params, logit_scale=jnp.float32(-1.0)), declip_config.get_config("vit_b32"))
   assert float(out["logit_scale"]) == 3.0
 

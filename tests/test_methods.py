@@ -12,7 +12,8 @@ from xclip_jax import config as config_lib
 from xclip_jax import optim
 from xclip_jax import train_state as ts
 from xclip_jax.models import two_tower
-from xclip_jax.objectives import clip, declip, mlm, nclip, nns, registry, siglip, simclr, simsiam
+from xclip_jax import methods
+from xclip_jax.objectives import clip, declip, mlm, nclip, nns, siglip, simclr, simsiam
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.clip, configs.declip, configs.nclip, configs.siglip, configs.slip  # noqa: E401
@@ -57,7 +58,7 @@ def _config(name, **fields):
 
 def _objective(name, config, outputs, batch, queue):
   state = queue if name == "declip" else {}
-  return registry.get_method(name).objective(outputs, batch, config, state)
+  return methods.get_method(name).objective(outputs, batch, config, state)
 
 
 def _nclip_reference(outputs, c):
@@ -216,7 +217,7 @@ def _batches(method, steps=2):
 
 def _trajectory(name, mesh):
   c = _tiny(name)
-  method = registry.get_method(name)
+  method = methods.get_method(name)
   graphdef, params, rest = mesh_lib.create_sharded(
       lambda: two_tower.build_model(c, eos_id=2, seed=0), mesh)
   tx, schedule = optim.make_optimizer(c, params)

@@ -13,7 +13,7 @@ import pytest
 from xclip_jax import api
 from xclip_jax.evaluate import retrieval, runner, spaces, zeroshot
 from xclip_jax.models import two_tower
-from xclip_jax.objectives import registry
+from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.clip as clip_config
@@ -113,10 +113,10 @@ def test_model_prototype_features_are_the_training_distributions():
 
 
 def test_methods_name_their_spaces():
-  assert registry.get_method("clip").scoring_spaces == ("clip",)
-  assert registry.get_method("nclip").scoring_spaces == ("prototypes",)
-  assert registry.get_method("nclip").probe_space == "pooled"
-  assert registry.get_method("xclip").scoring_spaces == ("clip", "prototypes")
+  assert methods.get_method("clip").scoring_spaces == ("clip",)
+  assert methods.get_method("nclip").scoring_spaces == ("prototypes",)
+  assert methods.get_method("nclip").probe_space == "pooled"
+  assert methods.get_method("xclip").scoring_spaces == ("clip", "prototypes")
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from xclip_jax import checkpoint, optim, train
 from xclip_jax import train_state as ts
 from xclip_jax.models import two_tower
-from xclip_jax.objectives import registry
+from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.clip as clip_config
@@ -88,7 +88,7 @@ def _tiny_state(mesh, config):
   tx, schedule = optim.make_optimizer(config, params)
   state = ts.init_train_state(params, rest, tx, mesh, seed=0)
   step = ts.jit_train_step(
-      ts.make_train_step(graphdef, tx, schedule, registry.get_method("clip"), config),
+      ts.make_train_step(graphdef, tx, schedule, methods.get_method("clip"), config),
       ts.shardings_of(state), mesh_lib.batch_sharding(mesh), mesh)
   return state, step
 

@@ -32,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 from xclip_jax import checkpoint
+from xclip_jax import methods
 from xclip_jax.evaluate import spaces as spaces_lib
-from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
 
 
@@ -67,7 +67,7 @@ class LoadedModel:
     self.tokenizer = tokenizer
     self.image_size = int(config.model.image.image_size)
     self.context_length = int(config.model.text.context_length)
-    method = registry.get_method(config.method)
+    method = methods.get_method(config.method)
     # Spaces zero-shot and retrieval score in (the first is the default) and the probe's features.
     self.scoring_spaces: tuple[str, ...] = tuple(method.scoring_spaces)
     self.probe_space: str = method.probe_space

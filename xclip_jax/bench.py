@@ -112,13 +112,13 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
   from xclip_jax import train_state as ts
   from xclip_jax.data import device_augment, synthetic
   from xclip_jax.models import two_tower
-  from xclip_jax.objectives import registry
+  from xclip_jax import methods
   from xclip_jax.parallel import mesh as mesh_lib
 
   if augment not in ("both", "on", "off"):
     raise ValueError(f"augment={augment!r}: use both, on or off.")
   config_lib.validate(config)
-  method = registry.get_method(config.method)
+  method = methods.get_method(config.method)
   mesh = mesh_lib.make_mesh(config.mesh)
   model_fn = lambda: two_tower.build_model(config, eos_id=2, seed=config.seed)
   graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)

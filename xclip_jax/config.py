@@ -244,10 +244,10 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
-  from xclip_jax.objectives import registry  # local: keeps config import light
+  from xclip_jax import methods  # local: keeps config import light
 
-  if c.method not in registry.METHODS:
-    raise ValueError(f"config.method={c.method!r} is not one of {sorted(registry.METHODS)}.")
+  if c.method not in methods.names():
+    raise ValueError(f"config.method={c.method!r} is not one of {list(methods.names())}.")
   for tower in ("image", "text"):
     t = c.model[tower]
     if t.width % t.heads:
@@ -261,7 +261,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.contrastive.impl={c.contrastive.impl!r}: use global or chunked.")
   if c.siglip.impl not in ("global", "ring"):
     raise ValueError(f"config.siglip.impl={c.siglip.impl!r}: use global or ring.")
-  registry.check_options(c)
+  methods.check_options(c)
   if c.contrastive.impl == "chunked" and c.batch_size % min(c.contrastive.chunk, c.batch_size):
     raise ValueError(f"config.contrastive.chunk={c.contrastive.chunk} must divide "
                      f"config.batch_size={c.batch_size}.")

@@ -1,6 +1,6 @@
 """The train loop: mesh, data, state, step; log, evaluate, checkpoint. Nothing model-specific.
 
-The method (CLIP, DeCLIP, ...) enters only through `objectives.registry` and the model factory,
+The method (CLIP, DeCLIP, ...) enters only through the registry (`xclip_jax.methods`),
 so every method shares this loop, its sharding, its checkpoints and its preemption handling.
 """
 
@@ -18,6 +18,7 @@ from absl import logging
 from xclip_jax import checkpoint as ckpt_lib
 from xclip_jax import config as config_lib
 from xclip_jax import finetune
+from xclip_jax import methods
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
 from xclip_jax import resume
@@ -28,7 +29,6 @@ from xclip_jax.data import synthetic
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.evaluate import runner as eval_runner
 from xclip_jax.models import two_tower
-from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
 from xclip_jax.parallel import multihost
 
@@ -90,7 +90,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   #  Check everything that can fail cheaply before compiling anything
   # ------------------------------------------------------------------------------------------------
   config_lib.validate(config)
-  method = registry.get_method(config.method)
+  method = methods.get_method(config.method)
   mesh = mesh_lib.make_mesh(config.mesh)
   host_batch = mesh_lib.batch_size_per_process(config.batch_size, mesh)
   if config.accum_steps > 1:   # each micro-batch must split over the batch axes too

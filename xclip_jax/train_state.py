@@ -7,7 +7,8 @@ TrainState is a dict of pure pytrees so that checkpoints hold framework-neutral 
   model_state  nested dict of the model's other variables (e.g. BatchNorm statistics)
   method_state the method's extra state (DeCLIP: the nearest-neighbour queue), or {}
   rng          uint32 PRNG key data, advanced every step
-Nothing here knows which method is trained: the objective comes from the registry.
+Nothing here knows which method is trained: the objective comes from the registry
+(xclip_jax/methods/).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import optax
 from flax import nnx
 
 from xclip_jax import accumulate
+from xclip_jax import methods
 from xclip_jax.data import device_augment
-from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
 
 TrainState = dict[str, Any]
 
 
-def init_method_state(method: registry.Method, config: ml_collections.ConfigDict,
+def init_method_state(method: methods.Method, config: ml_collections.ConfigDict,
                       mesh: jax.sharding.Mesh, seed: int) -> Any:
   """The method's extra state, created directly in the shardings its `state_specs` name."""
   specs = method.state_specs(config)
@@ -77,7 +78,7 @@ def abstract_of(tree: Any) -> Any:
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    method: registry.Method, config: ml_collections.ConfigDict,
+                    method: methods.Method, config: ml_collections.ConfigDict,
                     text_spec: dict[str, int] | None = None, augment: bool = True):
   """Returns the un-jitted step: (state, batch) -> (state, metrics).
 
@@ -89,10 +90,10 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
   is needed by methods whose `prepare` edits token ids (DeCLIP's MLM masking).
   """
   accum_steps = int(config.accum_steps)
-  if accum_steps > 1 and not method.accumulable:
+  if accum_steps > 1 and method.accumulation is None:
+    supported = [name for name in methods.names() if methods.get_method(name).accumulation]
     raise ValueError(f"config.accum_steps={accum_steps}: gradient accumulation with cached "
-                     f"features supports {sorted(m for m, x in registry.METHODS.items() if x.accumulable)}, "
-                     f"not {method.name!r}.")
+                     f"features supports {supported}, not {method.name!r}.")
   augment_batch = (device_augment.make_batch_augment(method.views, config.data, int(config.seed))
                    if augment else None)
 

@@ -5,7 +5,7 @@
 
 Every mode runs on the same records, read once and cached in memory still encoded (so disk and
 the shuffle buffer are left out), through the pipeline's own code (`train_pipeline.host_batches`)
-with a method's declared views (objectives/registry.py):
+with a method's declared views (xclip_jax/methods/):
   decode          decode only (tf.io.decode_image of the whole image): the floor
   clip            CLIP's views: one "clip" crop + tokenization (CLIP, SigLIP, nCLIP, xCLIP)
   two_views       DeCLIP's views: two "ssl" crops from one decode + the caption's EDA variant +
@@ -29,12 +29,12 @@ import time
 import tensorflow as tf
 
 from xclip_jax import config as config_lib
+from xclip_jax import methods
 from xclip_jax.data import eda
 from xclip_jax.data import image as image_lib
 from xclip_jax.data import pipeline
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.data import train_pipeline
-from xclip_jax.objectives import registry
 
 MODES = ("decode", "clip", "two_views")                   # the default set
 MODE_METHODS = {"clip": "clip", "two_views": "declip", "slip": "slip"}   # whose views a mode runs
@@ -71,7 +71,7 @@ def mode_dataset(mode: str, records: tf.data.Dataset, config, tokenizer, *, batc
     ds = ds.map(lambda image: tf.shape(image))    # images differ in size: batch their shapes
     ds = ds.batch(batch)
   else:
-    views = registry.get_method(MODE_METHODS[mode]).views
+    views = methods.get_method(MODE_METHODS[mode]).views
     ds = train_pipeline.host_batches(records.repeat().enumerate(), config, tokenizer,
                                      views=views, seed=0, host_batch_size=batch)
   return ds.prefetch(2).with_options(_options(cores))

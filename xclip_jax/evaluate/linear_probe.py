@@ -70,7 +70,7 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
 
 class LinearProbeEvaluator:
   """Top-1 of a linear probe on frozen image features of a TFDS classification dataset: the
-  feature space the method names (`registry.Method.probe_space`: CLIP's L2-normalised
+  feature space the method names (`methods.Method.probe_space`: CLIP's L2-normalised
   embeddings; nCLIP, whose projection is never trained, its pooled class-token features).
 
   Validation is the last `val_percent`% of the train split (TFDS slicing), unless `val_split` names
@@ -80,12 +80,12 @@ class LinearProbeEvaluator:
   def __init__(self, name: str, eval_cfg, config, tokenizer, mesh, graphdef):
     del tokenizer
     from xclip_jax.data import eval_datasets, pipeline  # TensorFlow only where data is read
-    from xclip_jax.objectives import registry
+    from xclip_jax import methods
     from xclip_jax.parallel import mesh as mesh_lib
 
     self.name, self._mesh, self._graphdef = name, mesh, graphdef
     self._cfg = eval_cfg
-    self._space = registry.get_method(config.method).probe_space
+    self._space = methods.get_method(config.method).probe_space
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = config.data.builtin if eval_cfg.dataset == config.data.name else None
     builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)

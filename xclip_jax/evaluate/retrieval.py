@@ -68,11 +68,11 @@ class RetrievalEvaluator:
     import jax
     from xclip_jax.data import eval_datasets  # TensorFlow only where data is read
     from xclip_jax.evaluate import spaces as spaces_lib
-    from xclip_jax.objectives import registry
+    from xclip_jax import methods
     from xclip_jax.parallel import mesh as mesh_lib
 
     self.name, self._mesh, self._graphdef = name, mesh, graphdef
-    self._spaces = spaces_lib.check_spaces(registry.get_method(config.method).scoring_spaces)
+    self._spaces = spaces_lib.check_spaces(methods.get_method(config.method).scoring_spaces)
     self._batch_size = eval_cfg.batch_size
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = config.data.builtin if eval_cfg.dataset == config.data.name else None

@@ -1,6 +1,6 @@
 """Scoring spaces: how a model's image and text features become zero-shot and retrieval scores.
 
-A method names the spaces it is scored in (`registry.Method.scoring_spaces`) and the model computes
+A method names the spaces it is scored in (`methods.Method.scoring_spaces`) and the model computes
 each space's features (`model.image_features(images, spaces)`, `model.text_features(ids,
 spaces)`); the evaluators only follow these definitions, so none of them names a method.
 

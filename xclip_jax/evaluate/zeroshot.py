@@ -20,9 +20,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from xclip_jax import methods
 from xclip_jax.evaluate import benchmarks
 from xclip_jax.evaluate import spaces as spaces_lib
-from xclip_jax.objectives import registry
 from xclip_jax.parallel import mesh as mesh_lib
 
 
@@ -50,7 +50,7 @@ class ZeroShotEvaluator:
     self.name = name
     self._mesh = mesh
     self._graphdef = graphdef
-    self._spaces = spaces_lib.check_spaces(registry.get_method(config.method).scoring_spaces)
+    self._spaces = spaces_lib.check_spaces(methods.get_method(config.method).scoring_spaces)
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = eval_cfg.dataset == config.data.name and config.data.builtin
     builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)

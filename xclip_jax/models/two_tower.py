@@ -79,7 +79,7 @@ class TwoTower(nnx.Module):
     The value is min(exp(s), max) and its derivative in s is that value everywhere, also at the
     cap: a plain `jnp.minimum` would zero the gradient for good once the cap is reached. Below the
     cap this is exp(s) exactly. The range of s itself is the method's parameter constraint
-    (registry.Method.constrain_params, after every update): CLIP's [0, ln 100] keeps exp(s) at or
+    (methods.Method.constrain_params, after every update): CLIP's [0, ln 100] keeps exp(s) at or
     below the cap, DeCLIP's YFCC recipe's [3, 6] reaches into it.
     """
     s = self.logit_scale[...]

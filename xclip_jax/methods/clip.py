@@ -1,0 +1,19 @@
+"""CLIP (Radford et al. 2021): symmetric InfoNCE between the image and the text tower over the
+global batch, with a learnable logit scale clamped to its range after every update."""
+
+from __future__ import annotations
+
+from xclip_jax.methods import base
+
+
+def objective(outputs, batch, config, method_state):
+  del batch
+  pair_loss, _ = base.contrastive(config)
+  loss, metrics = pair_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"])
+  return loss, {"clip_loss": loss, **metrics}, method_state
+
+
+METHOD = base.Method(
+    "clip", objective, constrain_params=base.clamp_logit_scale, options=(base.CHUNKED,),
+    # The loss reads per-example embeddings and the scale only: accumulation caches them.
+    accumulation=base.Accumulation(features=("image_emb", "text_emb"), shared=("logit_scale",)))
