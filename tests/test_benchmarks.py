@@ -175,7 +175,7 @@ def tiny(tmp_path_factory):
   config's tokenizer.path is the tokenizer's file."""
   from tests.test_train import tiny_config
   from xclip_jax.data import tokenizer as tokenizer_lib
-  from xclip_jax.models import two_tower
+  from xclip_jax import methods
   from xclip_jax.parallel import mesh as mesh_lib
   c = tiny_config("")
   c.evals.zeroshot.update(dict(batch_size=16, max_examples=0, templates="auto", split="auto"))
@@ -187,7 +187,7 @@ def tiny(tmp_path_factory):
   path.write_bytes(proto)
   c.tokenizer.path = str(path)
   graphdef, params, rest = mesh_lib.create_sharded(
-      lambda: two_tower.build_model(c, eos_id=2, seed=0), mesh)
+      lambda: methods.build_model(c, eos_id=2, seed=0), mesh)
   return (c, tokenizer_lib.Tokenizer(model_proto=proto), mesh, graphdef,
           {"params": params, "model_state": rest})
 

@@ -4,9 +4,9 @@ import random
 
 import numpy as np
 
+from xclip_jax import methods
 from xclip_jax.data import eda
 from xclip_jax.data import pipeline
-from xclip_jax import methods
 
 import configs.declip as declip_config
 

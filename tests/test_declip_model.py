@@ -9,9 +9,8 @@ from flax import nnx
 
 from xclip_jax import checkpoint, optim
 from xclip_jax import train_state as ts
-from xclip_jax.models import declip as declip_model
-from xclip_jax.models import two_tower
 from xclip_jax import methods
+from xclip_jax.models import two_tower
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.declip as declip_config
@@ -46,16 +45,16 @@ def make_batch(seed=0, b=16):
 
 def test_interleave_keeps_each_samples_views_together():
   a, b = jnp.arange(3)[:, None] * 10, jnp.arange(3)[:, None] * 10 + 1
-  x = declip_model.interleave(a, b)
+  x = two_tower.interleave(a, b)
   np.testing.assert_array_equal(x[:, 0], [0, 1, 10, 11, 20, 21])
-  back = declip_model.split_views(x)
+  back = two_tower.split_views(x)
   np.testing.assert_array_equal(back[0], a)
   np.testing.assert_array_equal(back[1], b)
 
 
 def test_forward_outputs_and_per_view_equivalence():
   config = tiny_config()
-  model = two_tower.build_model(config, eos_id=2, seed=0)
+  model = methods.build_model(config, eos_id=2, seed=0)
   batch = make_batch()
   out = model(batch, train=True)
   assert out["z1"].shape == out["z2"].shape == (16, 24)
@@ -98,7 +97,7 @@ def test_queue_is_sharded_over_every_device_and_restored(tmp_path):
 
 def _trajectory(mesh, config, batches):
   method = methods.get_method("declip")
-  model_fn = lambda: two_tower.build_model(config, eos_id=2, seed=0)
+  model_fn = lambda: methods.build_model(config, eos_id=2, seed=0)
   graphdef, params, rest = mesh_lib.create_sharded(model_fn, mesh)
   tx, schedule = optim.make_optimizer(config, params)
   state = ts.init_train_state(params, rest, tx, mesh, 0,

@@ -11,9 +11,9 @@ import pytest
 import scipy.ndimage
 import tensorflow as tf
 
+from xclip_jax import methods
 from xclip_jax.data import device_augment as da
 from xclip_jax.data import views as views_lib
-from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.declip as declip_config
@@ -335,12 +335,12 @@ def test_uint8_views_cross_the_boundary_as_uint8():
 def _declip_step(config, augment):
   from xclip_jax import optim
   from xclip_jax import train_state as ts
-  from xclip_jax.models import two_tower
+  from xclip_jax import methods
   from tests.test_declip_model import TEXT_SPEC
   method = methods.get_method("declip")
   mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2))
   graphdef, params, rest = mesh_lib.create_sharded(
-      lambda: two_tower.build_model(config, eos_id=2, seed=0), mesh)
+      lambda: methods.build_model(config, eos_id=2, seed=0), mesh)
   tx, schedule = optim.make_optimizer(config, params)
   state = ts.init_train_state(params, rest, tx, mesh, 0,
                               ts.init_method_state(method, config, mesh, 0))

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from xclip_jax import train
+from xclip_jax import methods, train
 from xclip_jax.evaluate import features, linear_probe, retrieval, runner, templates, zeroshot
-from xclip_jax.models import two_tower
 from xclip_jax.parallel import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +97,7 @@ def test_padded_rows_are_dropped_from_gathered_features():
   c.model.text.update(dict(width=16, layers=1, heads=2))
   mesh = mesh_lib.make_mesh(dict(data=8))
   graphdef, params, rest = mesh_lib.create_sharded(
-      lambda: two_tower.build_model(c, eos_id=2, seed=0), mesh)
+      lambda: methods.build_model(c, eos_id=2, seed=0), mesh)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
   mask = np.array([True] * 13 + [False] * 3)
@@ -108,7 +107,7 @@ def test_padded_rows_are_dropped_from_gathered_features():
               "mask": mask[8:]}]
   out = features.image_embeddings(iter(batches), mesh, graphdef, params, rest)
   np.testing.assert_array_equal(out["index"], np.arange(13))
-  model = two_tower.build_model(c, eos_id=2, seed=0)
+  model = methods.build_model(c, eos_id=2, seed=0)
   np.testing.assert_allclose(out["emb"], model.encode_image(images[:13]), atol=1e-5)
   texts = features.text_embeddings(np.tile(np.array([[5, 6, 2] + [0] * 29], np.int32), (11, 1)),
                                    8, mesh, graphdef, params, rest)
@@ -158,7 +157,7 @@ def test_standalone_evaluate_reproduces_in_loop_results(demo_dir, tmp_path):
   mesh = mesh_lib.make_mesh(dict(data=8))
   tok = tokenizer_lib.resolve_tokenizer(config)
   graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(
-      lambda: two_tower.build_model(config, eos_id=tok.eos_id, seed=config.seed), mesh)
+      lambda: methods.build_model(config, eos_id=tok.eos_id, seed=config.seed), mesh)
   _, restored = checkpoint.restore_model(
       workdir, None, {"params": abstract_params, "model_state": abstract_rest})
   here = runner.run_evaluators(runner.build_evaluators(config, tok, mesh, graphdef), restored)
@@ -182,11 +181,11 @@ def test_zeroshot_and_linear_probe_on_tfds_mock_data(monkeypatch):
   with tfds.testing.mock_data(num_examples=20):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
     graphdef, params, rest = mesh_lib.create_sharded(
-        lambda: two_tower.build_model(c, eos_id=2, seed=0), mesh)
+        lambda: methods.build_model(c, eos_id=2, seed=0), mesh)
     evaluators = runner.build_evaluators(c, tok, mesh, graphdef)
     results = runner.run_evaluators(evaluators, {"params": params, "model_state": rest})
     # Independent recomputation on the evaluators' own batches, unsharded and unjitted.
-    model = two_tower.build_model(c, eos_id=2, seed=0)
+    model = methods.build_model(c, eos_id=2, seed=0)
     (zs,) = [e for e in evaluators if e.name == "zeroshot"]
     classes = zeroshot.class_embeddings(model.encode_text(zs._prompt_ids[: zs._num_prompts]), 10)
     ranks = []

@@ -19,11 +19,10 @@ import pytest
 from flax import nnx
 
 import configs.finetune as finetune_config
-from xclip_jax import checkpoint, finetune, train
+from xclip_jax import checkpoint, finetune, methods, train
 from xclip_jax.data import clip_bpe
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.interop import convert, openai_layout, torch_files
-from xclip_jax.models import two_tower
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
@@ -206,7 +205,7 @@ def _encode(graphdef, params, images, texts):
 def _features(params, config, images_nchw, texts):
   """Our encode_image / encode_text of the torch inputs, with `params` in the model of `config`."""
   graphdef, abstract, rest = nnx.split(
-      nnx.eval_shape(lambda: two_tower.build_model(config, eos_id=EOT, seed=0)), nnx.Param, ...)
+      nnx.eval_shape(lambda: methods.build_model(config, eos_id=EOT, seed=0)), nnx.Param, ...)
   assert jax.tree.structure(params) == jax.tree.structure(nnx.to_pure_dict(abstract))
   assert not jax.tree.leaves(rest)
   image, text = _encode(graphdef, params, images_nchw.transpose(0, 2, 3, 1), texts)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xclip_jax.models import two_tower
 from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
@@ -24,7 +23,7 @@ def _tiny_model(config):
   config.model.update(dict(embed_dim=8))
   config.model.image.update(dict(width=16, layers=1, heads=2, patch_size=16))
   config.model.text.update(dict(width=16, layers=1, heads=2))
-  return two_tower.build_model(config, eos_id=2, seed=0)
+  return methods.build_model(config, eos_id=2, seed=0)
 
 
 @pytest.mark.parametrize("param", [math.log(50.0), math.log(100.0), 5.0, 6.0])

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from xclip_jax import config as cfglib
-from xclip_jax.models import two_tower
+from xclip_jax import methods
 from xclip_jax.parallel import mesh as meshlib
 
 EOS = 2
@@ -27,7 +27,7 @@ def tiny_config():
 
 
 def model_fn():
-  return two_tower.build_model(tiny_config(), eos_id=EOS, seed=0)
+  return methods.build_model(tiny_config(), eos_id=EOS, seed=0)
 
 
 def mesh_of(data, fsdp, tensor=1):

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 from xclip_jax import config as config_lib
-from xclip_jax import optim
+from xclip_jax import methods, optim
 from xclip_jax import train_state as ts
-from xclip_jax.models import two_tower
-from xclip_jax import methods
 from xclip_jax.objectives import clip, declip, mlm, nclip, nns, siglip, simclr, simsiam
 from xclip_jax.parallel import mesh as mesh_lib
 
@@ -219,7 +217,7 @@ def _trajectory(name, mesh):
   c = _tiny(name)
   method = methods.get_method(name)
   graphdef, params, rest = mesh_lib.create_sharded(
-      lambda: two_tower.build_model(c, eos_id=2, seed=0), mesh)
+      lambda: methods.build_model(c, eos_id=2, seed=0), mesh)
   tx, schedule = optim.make_optimizer(c, params)
   state = ts.init_train_state(params, rest, tx, mesh, 0)
   step = ts.jit_train_step(ts.make_train_step(graphdef, tx, schedule, method, c, TEXT_SPEC),

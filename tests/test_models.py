@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from xclip_jax import config as cfglib
+from xclip_jax import methods
 from xclip_jax.models import text as text_lib
 from xclip_jax.models import transformer
-from xclip_jax.models import two_tower
 from xclip_jax.models import vit as vit_lib
 
 EOS = 2
@@ -51,7 +51,7 @@ def run(module, *args, method="__call__"):
 
 @pytest.fixture(scope="module")
 def model():
-  return two_tower.build_model(tiny_config(), eos_id=EOS, seed=0)
+  return methods.build_model(tiny_config(), eos_id=EOS, seed=0)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_text_embedding_reads_the_eos_position(model):
 def test_causal_mask(causal):
   c = tiny_config()
   c.model.text.causal = causal
-  text = two_tower.build_model(c, eos_id=EOS, seed=1).text
+  text = methods.build_model(c, eos_id=EOS, seed=1).text
   ids = text_ids(2, eos_at=6)
   changed = ids.at[:, 5].set(40)
   prefix_diff = jnp.abs(run(text, ids)["tokens"][:, :5] - run(text, changed)["tokens"][:, :5]).max()
@@ -186,7 +186,7 @@ def test_bad_remat_and_activation_are_rejected():
 
 
 def test_bfloat16_compute_keeps_float32_params(model):
-  bf16 = two_tower.build_model(tiny_config(dtype="bfloat16"), eos_id=EOS, seed=0)
+  bf16 = methods.build_model(tiny_config(dtype="bfloat16"), eos_id=EOS, seed=0)
   dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
   assert dtypes == {jnp.dtype(jnp.float32)}
   batch = {"image": images(2), "text": text_ids(2)}
@@ -204,7 +204,7 @@ def test_bfloat16_compute_keeps_float32_params(model):
 
 
 def test_logit_scale_init_and_clamp():
-  m = two_tower.build_model(tiny_config(), eos_id=EOS, seed=0)
+  m = methods.build_model(tiny_config(), eos_id=EOS, seed=0)
   assert m.logit_scale[...].dtype == jnp.float32
   np.testing.assert_allclose(m.logit_scale[...], math.log(1 / 0.07), rtol=1e-6)
   np.testing.assert_allclose(m.scale(), 1 / 0.07, rtol=1e-5)

@@ -10,10 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xclip_jax import api
+from xclip_jax import api, methods
 from xclip_jax.evaluate import retrieval, runner, spaces, zeroshot
-from xclip_jax.models import two_tower
-from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.clip as clip_config
@@ -94,7 +92,7 @@ def _tiny(module, **fields):
 
 def test_model_prototype_features_are_the_training_distributions():
   c = _tiny(nclip_config)
-  model = two_tower.build_model(c, eos_id=2, seed=0)
+  model = methods.build_model(c, eos_id=2, seed=0)
   rng = np.random.default_rng(2)
   images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
   ids = rng.integers(4, 64, size=(4, 12)).astype(np.int32)
@@ -109,7 +107,7 @@ def test_model_prototype_features_are_the_training_distributions():
   np.testing.assert_allclose(text, np.exp(_log_softmax(np.asarray(out["text_proto_logits"]) /
                                                        0.07)), atol=1e-6)
   with pytest.raises(ValueError, match="prototypes"):
-    two_tower.build_model(_tiny(clip_config), eos_id=2, seed=0).encode_image(images, "prototypes")
+    methods.build_model(_tiny(clip_config), eos_id=2, seed=0).encode_image(images, "prototypes")
 
 
 def test_methods_name_their_spaces():
@@ -133,7 +131,7 @@ def test_evaluators_score_each_space_like_numpy(demo_dir, module, expected):
   tok = tokenizer_lib.resolve_tokenizer(c)
   mesh = mesh_lib.make_mesh(dict(data=8))
   graphdef, params, rest = mesh_lib.create_sharded(
-      lambda: two_tower.build_model(c, eos_id=tok.eos_id, seed=0), mesh)
+      lambda: methods.build_model(c, eos_id=tok.eos_id, seed=0), mesh)
   evaluators = runner.build_evaluators(c, tok, mesh, graphdef)
   results = runner.run_evaluators(evaluators, {"params": params, "model_state": rest})
   assert expected <= set(results)
@@ -142,7 +140,7 @@ def test_evaluators_score_each_space_like_numpy(demo_dir, module, expected):
 
   # Independent recomputation of the prototype zero-shot top-1 from the same images.
   (zs,) = [e for e in evaluators if e.name == "zeroshot"]
-  model = two_tower.build_model(c, eos_id=tok.eos_id, seed=0)
+  model = methods.build_model(c, eos_id=tok.eos_id, seed=0)
   q = np.asarray(model.encode_text(zs._prompt_ids[: zs._num_prompts], "prototypes"))
   classes = q.reshape(len(zs.class_names), -1, q.shape[-1]).mean(1)
   correct = count = 0
@@ -161,7 +159,7 @@ def test_loaded_model_defaults_to_the_methods_first_space():
   c = _tiny(xclip_config)
   mesh = mesh_lib.make_mesh(dict(data=8))
   graphdef, params, rest = mesh_lib.create_sharded(
-      lambda: two_tower.build_model(c, eos_id=2, seed=0), mesh)
+      lambda: methods.build_model(c, eos_id=2, seed=0), mesh)
 
   class Tok:
     eos_id = 2
@@ -175,7 +173,7 @@ def test_loaded_model_defaults_to_the_methods_first_space():
 
   rng = np.random.default_rng(3)
   images = rng.normal(size=(5, 32, 32, 3)).astype(np.float32)
-  model = two_tower.build_model(c, eos_id=2, seed=0)
+  model = methods.build_model(c, eos_id=2, seed=0)
   for method, first in (("xclip", "clip"), ("nclip", "prototypes")):
     c.method = method
     loaded = api.LoadedModel(c, 0, mesh, graphdef, params, rest, Tok())

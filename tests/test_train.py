@@ -11,10 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from xclip_jax import checkpoint, optim, train
+from xclip_jax import checkpoint, methods, optim, train
 from xclip_jax import train_state as ts
-from xclip_jax.models import two_tower
-from xclip_jax import methods
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.clip as clip_config
@@ -83,7 +81,7 @@ def test_train_checkpoints_and_resumes(demo_dir, tmp_path, caplog):
 
 
 def _tiny_state(mesh, config):
-  model_fn = lambda: two_tower.build_model(config, eos_id=2, seed=0)
+  model_fn = lambda: methods.build_model(config, eos_id=2, seed=0)
   graphdef, params, rest = mesh_lib.create_sharded(model_fn, mesh)
   tx, schedule = optim.make_optimizer(config, params)
   state = ts.init_train_state(params, rest, tx, mesh, seed=0)

@@ -238,7 +238,6 @@ def load(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | Non
   ...}) adjusts the saved config first, e.g. when the dataset (and so the tokenizer) moved.
   """
   from xclip_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
-  from xclip_jax.models import two_tower  # noqa: PLC0415
 
   config = checkpoint.saved_config(workdir, step)
   for key, value in (config_overrides or {}).items():
@@ -250,7 +249,7 @@ def load(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | Non
   if mesh is None:
     mesh = mesh_lib.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.local_devices())
   tokenizer = tokenizer_lib.resolve_tokenizer(config, process_index=0)
-  model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
   graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
   step, restored = checkpoint.restore_model(
       workdir, step, {"params": abstract_params, "model_state": abstract_rest})

@@ -108,11 +108,10 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
   import jax
   import numpy as np
   from xclip_jax import config as config_lib
+  from xclip_jax import methods
   from xclip_jax import optim
   from xclip_jax import train_state as ts
   from xclip_jax.data import device_augment, synthetic
-  from xclip_jax.models import two_tower
-  from xclip_jax import methods
   from xclip_jax.parallel import mesh as mesh_lib
 
   if augment not in ("both", "on", "off"):
@@ -120,7 +119,7 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
   config_lib.validate(config)
   method = methods.get_method(config.method)
   mesh = mesh_lib.make_mesh(config.mesh)
-  model_fn = lambda: two_tower.build_model(config, eos_id=2, seed=config.seed)
+  model_fn = lambda: methods.build_model(config, eos_id=2, seed=config.seed)
   graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
   tx, schedule = optim.make_optimizer(config, params)
   state = ts.init_train_state(params, model_state, tx, mesh, config.seed,

@@ -28,7 +28,6 @@ from xclip_jax.data import pipeline
 from xclip_jax.data import synthetic
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.evaluate import runner as eval_runner
-from xclip_jax.models import two_tower
 from xclip_jax.parallel import mesh as mesh_lib
 from xclip_jax.parallel import multihost
 
@@ -128,7 +127,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   # ------------------------------------------------------------------------------------------------
   #  Model and optimizer state, created directly in their shardings
   # ------------------------------------------------------------------------------------------------
-  model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
   graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
   tx, schedule = optim.make_optimizer(config, params)
   method_state = ts.init_method_state(method, config, mesh, config.seed)

@@ -49,13 +49,13 @@ def run_evaluators(evaluators: list[Any], state: dict[str, Any]) -> dict[str, fl
 def restore(config, workdir: str, step: int | None):
   """(step, tokenizer, mesh, graphdef, {"params", "model_state"}) of a workdir's checkpoint."""
   from xclip_jax import checkpoint  # noqa: PLC0415
+  from xclip_jax import methods  # noqa: PLC0415
   from xclip_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
-  from xclip_jax.models import two_tower  # noqa: PLC0415
   from xclip_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
 
   mesh = mesh_lib.make_mesh(config.mesh)
   tokenizer = tokenizer_lib.resolve_tokenizer(config)
-  model_fn = lambda: two_tower.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
   graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
   step, restored = checkpoint.restore_model(
       workdir, step, {"params": abstract_params, "model_state": abstract_rest})

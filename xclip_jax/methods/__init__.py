@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from flax import nnx
+
 from xclip_jax.methods.base import Method
 
 _NOT_METHODS = ("base",)        # modules of this package that hold shared pieces
@@ -43,6 +45,11 @@ def get_method(name: str) -> Method:
   if name not in methods:
     raise ValueError(f"Unknown method {name!r}; registered: {sorted(methods)}.")
   return methods[name]
+
+
+def build_model(config, *, eos_id: int, seed: int):
+  """The model config.method needs (towers + that method's heads), initialised from `seed`."""
+  return get_method(config.method).model(config, eos_id=eos_id, rngs=nnx.Rngs(seed))
 
 
 def check_options(config) -> None:

@@ -86,6 +86,7 @@ def unconstrained(params, config):
 @dataclasses.dataclass(frozen=True)
 class Method:
   name: str
+  model: Callable[..., Any]            # (config, *, eos_id, rngs) -> the nnx model
   objective: Callable[..., tuple[jax.Array, Metrics, Any]]
   views: views_lib.Views = views_lib.SINGLE
   prepare: Callable[..., dict[str, jax.Array]] = no_prepare

@@ -4,6 +4,12 @@ global batch, with a learnable logit scale clamped to its range after every upda
 from __future__ import annotations
 
 from xclip_jax.methods import base
+from xclip_jax.models import two_tower
+
+
+def model(config, *, eos_id: int, rngs):
+  """The two towers and the logit scale, nothing else."""
+  return two_tower.TwoTower(config.model, eos_id=eos_id, rngs=rngs)
 
 
 def objective(outputs, batch, config, method_state):
@@ -14,6 +20,6 @@ def objective(outputs, batch, config, method_state):
 
 
 METHOD = base.Method(
-    "clip", objective, constrain_params=base.clamp_logit_scale, options=(base.CHUNKED,),
+    "clip", model, objective, constrain_params=base.clamp_logit_scale, options=(base.CHUNKED,),
     # The loss reads per-example embeddings and the scale only: accumulation caches them.
     accumulation=base.Accumulation(features=("image_emb", "text_emb"), shared=("logit_scale",)))

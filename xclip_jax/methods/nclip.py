@@ -4,10 +4,73 @@ trained, so nCLIP is scored through its prototypes (evaluate/spaces.py)."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from xclip_jax.methods import base
+from xclip_jax.models import heads, transformer
+from xclip_jax.models.two_tower import TwoTower
 from xclip_jax.objectives import nclip
+
+
+class NclipModel(TwoTower):
+  """The CLIP towers plus a prototype head per modality on the pooled features (image class
+  token, text end-of-text token), with one prototype matrix shared by both heads
+  (config.nclip.shared_prototypes) so that p_v and p_t index the same K clusters.
+
+  Its "prototypes" feature space scores as the loss learns: an image gives log p_v (temperature
+  config.nclip.image_temp), a text its target distribution q_t (config.nclip.target_temp), and
+  their dot product Σ_k q_t(k) log p_v(k) = -H(q_t, p_v) is the image half of nCLIP's alignment
+  term for that pair (evaluate/spaces.py). xCLIP uses the same model."""
+
+  @transformer.mesh_optional
+  def __init__(self, model_cfg: Mapping[str, Any], nclip_cfg: Mapping[str, Any], *, eos_id: int,
+               rngs: nnx.Rngs):
+    super().__init__(model_cfg, eos_id=eos_id, rngs=rngs)
+    dtype = transformer.compute_dtype(model_cfg["dtype"])
+    hidden, bottleneck = int(nclip_cfg["hidden"]), int(nclip_cfg["bottleneck"])
+    layers, k = int(nclip_cfg["layers"]), int(nclip_cfg["prototypes"])
+    self.image_head = heads.PrototypeHead(int(model_cfg["image"]["width"]), hidden, bottleneck,
+                                          layers, dtype=dtype, rngs=rngs)
+    self.text_head = heads.PrototypeHead(int(model_cfg["text"]["width"]), hidden, bottleneck,
+                                         layers, dtype=dtype, rngs=rngs)
+    self.shared_prototypes = bool(nclip_cfg["shared_prototypes"])
+    protos = lambda: transformer.normal_param(rngs, 0.02, (bottleneck, k), ("joint", "vocab"))
+    self.image_prototypes = protos()
+    self.text_prototypes = None if self.shared_prototypes else protos()
+    self.image_temp = float(nclip_cfg["image_temp"])
+    self.target_temp = float(nclip_cfg["target_temp"])
+
+  feature_spaces = TwoTower.feature_spaces + ("prototypes",)
+
+  def _prototype_logits(self, pooled: jax.Array, modality: str) -> jax.Array:
+    image_protos = self.image_prototypes[...]
+    if modality == "image":
+      return self.image_head(pooled, image_protos)
+    text_protos = image_protos if self.shared_prototypes else self.text_prototypes[...]
+    return self.text_head(pooled, text_protos)
+
+  def _space(self, tower_out: dict[str, jax.Array], space: str, modality: str) -> jax.Array:
+    if space != "prototypes":
+      return super()._space(tower_out, space, modality)
+    logits = self._prototype_logits(tower_out["pooled"], modality).astype(jnp.float32)
+    if modality == "image":
+      return jax.nn.log_softmax(logits / self.image_temp, axis=-1)
+    return jax.nn.softmax(logits / self.target_temp, axis=-1)
+
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True
+               ) -> dict[str, jax.Array]:
+    out = super().__call__(batch, train=train)
+    out["image_proto_logits"] = self._prototype_logits(out["image_pooled"], "image")
+    out["text_proto_logits"] = self._prototype_logits(out["text_pooled"], "text")
+    return out
+
+
+def model(config, *, eos_id: int, rngs: nnx.Rngs) -> NclipModel:
+  return NclipModel(config.model, config.nclip, eos_id=eos_id, rngs=rngs)
 
 
 def nclip_terms(outputs, config):
@@ -32,6 +95,6 @@ def objective(outputs, batch, config, method_state):
 
 # nCLIP never trains its CLIP head: it is scored through its prototype distributions and probed
 # on the pooled image features.
-METHOD = base.Method("nclip", objective, constrain_params=base.clamp_logit_scale,
+METHOD = base.Method("nclip", model, objective, constrain_params=base.clamp_logit_scale,
                      options=(base.CHUNKED,), scoring_spaces=("prototypes",),
                      probe_space="pooled")

@@ -18,5 +18,6 @@ def objective(outputs, batch, config, method_state):
                 **metrics}, method_state
 
 
-METHOD = base.Method("xclip", objective, constrain_params=base.clamp_logit_scale,
+# The nCLIP model (its prototype heads on the shared towers), read by both losses.
+METHOD = base.Method("xclip", nclip.model, objective, constrain_params=base.clamp_logit_scale,
                      options=(base.CHUNKED,), scoring_spaces=("clip", "prototypes"))

@@ -1,8 +1,8 @@
 """The image-text model every method shares: a ViT, a text transformer and a learnable logit scale.
 
-Method-specific heads (DeCLIP's SimSiam projector/predictor and MLM head, nCLIP's prototypes) live
-in models/heads.py and read this model's outputs (`image_pooled`, `text_tokens`), so the towers
-stay the same for every method.
+A method's model (xclip_jax/methods/) subclasses TwoTower and adds its heads (models/heads.py),
+which read this model's outputs (`image_pooled`, `text_tokens`), so the towers stay the same for
+every method. `interleave` / `split_views` run several views of a batch through one tower pass.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from xclip_jax.models import text as text_lib
@@ -23,6 +22,21 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """x / ||x|| along the last axis, computed in float32 (bf16 norms are too coarse)."""
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[B, ...] x 2 -> [2B, ...] with a's rows at even and b's rows at odd positions.
+
+  Two views stacked this way go through a tower in one pass, and each device keeps its own
+  samples' views (rows 2i and 2i+1 are sample i's): the stacking moves no data between devices.
+  """
+  return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+
+def split_views(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Inverse of `interleave`: [2B, ...] -> the even rows and the odd rows."""
+  x = x.reshape((-1, 2) + x.shape[1:])
+  return x[:, 0], x[:, 1]
 
 
 class TwoTower(nnx.Module):
@@ -99,21 +113,3 @@ class TwoTower(nnx.Module):
     return dict(image_emb=l2_normalize(image["embed"]), text_emb=l2_normalize(text["embed"]),
                 logit_scale=self.scale(), image_pooled=image["pooled"],
                 text_pooled=text["pooled"], text_tokens=text["tokens"])
-
-
-def build_model(config: ml_collections.ConfigDict, *, eos_id: int, seed: int) -> TwoTower:
-  """The model config.method needs (towers + that method's heads), initialised from `seed`."""
-  rngs = nnx.Rngs(seed)
-  if config.method == "declip":
-    from xclip_jax.models import declip  # local: these build on this module
-    return declip.DeclipModel(config.model, config.declip, eos_id=eos_id, rngs=rngs)
-  if config.method in ("nclip", "xclip"):
-    from xclip_jax.models import nclip
-    return nclip.NclipModel(config.model, config.nclip, eos_id=eos_id, rngs=rngs)
-  if config.method == "siglip":
-    from xclip_jax.models import siglip
-    return siglip.SiglipModel(config.model, config.siglip, eos_id=eos_id, rngs=rngs)
-  if config.method == "slip":
-    from xclip_jax.models import slip
-    return slip.SlipModel(config.model, config.slip, eos_id=eos_id, rngs=rngs)
-  return TwoTower(config.model, eos_id=eos_id, rngs=nnx.Rngs(seed))
