@@ -2,7 +2,9 @@
 
 Every config file in configs/ builds on `base_config()` so that the train loop, the data pipeline
 and the model read one schema. Fields that a method does not use still exist (with neutral values),
-which lets `--config.key=value` overrides be type-checked for every method alike.
+which lets `--config.key=value` overrides be type-checked for every method alike. The shared
+sections are written here; each method's own section (config.declip, ...) comes from its file in
+xclip_jax/methods/ through the registry.
 """
 
 from __future__ import annotations
@@ -155,42 +157,11 @@ def base_config() -> ml_collections.ConfigDict:
       val_split="", val_percent=10, test_split="test", image_key="image", label_key="label",
       batch_size=256, max_examples=0, steps=300))
 
-  # ---- DeCLIP (read only when method == "declip") ------------------------------------------------
-  c.declip = ml_collections.ConfigDict()
-  c.declip.clip_weight = 0.4               # the 4-pair multi-view InfoNCE (includes CLIP's pair)
-  c.declip.simsiam_weight = 0.2            # image self-supervision
-  c.declip.mlm_weight = 0.2                # text self-supervision
-  c.declip.nns_weight = 0.2                # nearest-neighbour supervision
-  c.declip.mlm_probability = 0.15
-  c.declip.queue_size = 65_536             # NNS FIFO queue of text embeddings (global)
-  c.declip.projector_hidden = 1024         # SimSiam projector: embed -> 1024 -> 1024 -> projector_dim
-  c.declip.projector_dim = 1024
-  c.declip.predictor_hidden = 512          # SimSiam predictor: projector_dim -> 512 -> projector_dim
-
-  # ---- nCLIP / xCLIP (method nclip or xclip); see objectives/nclip.py for each choice's reason --
-  c.nclip = ml_collections.ConfigDict()
-  c.nclip.prototypes = 32_768              # K, the paper recipe's prototype count
-  c.nclip.hidden = 2048                    # DINO-style head: MLP width,
-  c.nclip.bottleneck = 256                 #   bottleneck before the prototypes,
-  c.nclip.layers = 3                       #   and depth
-  c.nclip.shared_prototypes = True         # p_v and p_t must index the same clusters to agree
-  c.nclip.image_temp = 0.1                 # DINO student / MSN anchor temperature
-  c.nclip.text_temp = 0.1
-  c.nclip.target_temp = 0.05               # sharpened targets (DINO teacher 0.04-0.07)
-  c.nclip.stop_gradient_targets = True     # targets are constants, as in DINO/MSN/SwAV
-  c.nclip.sharp_weight = 0.1               # per-sample entropy; 1.0 overpowers smoothness (tests)
-  c.nclip.smooth_weight = 1.0              # log K - H(mean p) (MSN memax_weight default)
-  c.nclip.clip_weight = 0.3                # xCLIP: w_clip * CLIP + w_nclip * nCLIP (0.3 / 0.7,
-  c.nclip.nclip_weight = 0.7               #   a third-party summary of the paper)
-
-  # ---- SigLIP -----------------------------------------------------------------------------------
-  c.siglip = ml_collections.ConfigDict(dict(
-      temperature_init=math.log(10.0), bias_init=-10.0,
-      impl="global"))                      # global | ring (shard_map ppermute of text chunks)
-
-  # ---- SLIP -------------------------------------------------------------------------------------
-  c.slip = ml_collections.ConfigDict(dict(ssl_weight=1.0, ssl_temperature=0.1, mlp_dim=4096,
-                                          embed_dim=256))
+  # ---- each method's own section (config.declip, config.nclip, ...): xclip_jax/methods/ -----
+  # Every section is in every config, so overrides of any method's fields are type-checked.
+  from xclip_jax import methods  # noqa: PLC0415  (local: `import xclip_jax.config` stays light)
+  for name, section in methods.config_sections().items():
+    c[name] = section
 
   # ---- checkpoints ------------------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
@@ -259,8 +230,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"config.batch_size={c.batch_size}.")
   if c.contrastive.impl not in ("global", "chunked"):
     raise ValueError(f"config.contrastive.impl={c.contrastive.impl!r}: use global or chunked.")
-  if c.siglip.impl not in ("global", "ring"):
-    raise ValueError(f"config.siglip.impl={c.siglip.impl!r}: use global or ring.")
+  methods.check_config(c)
   methods.check_options(c)
   if c.contrastive.impl == "chunked" and c.batch_size % min(c.contrastive.chunk, c.batch_size):
     raise ValueError(f"config.contrastive.chunk={c.contrastive.chunk} must divide "

@@ -6,9 +6,10 @@ the new config must be the saved one, apart from fields that do not change what 
   run length and cadence   total_steps, log_every, eval_every, dry_run, checkpoint.*
   evaluation               evals.*  (what is measured, not what is trained)
   host-side throughput     data.prefetch, data.num_parallel_calls (tf.data stays deterministic)
-  memory and layout        mesh.*, model.remat, accum_steps, contrastive.impl/chunk, siglip.impl:
-                           the same model and gradients computed another way (results equal up to
-                           float rounding, as after resuming on another slice)
+  memory and layout        mesh.*, model.remat, accum_steps, contrastive.impl/chunk, and every
+                           method option (methods.base.Option, e.g. siglip.impl): the same model
+                           and gradients computed another way (results equal up to float
+                           rounding, as after resuming on another slice)
 
 total_steps also ends the learning-rate schedule: extending a run stretches its cosine decay from
 the resumed step on (logged). Any other difference (lr, seed, data, model, method, ...) is a
@@ -26,12 +27,14 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-# Fields a resumed run may change freely ('*' matches any key below a section).
+from xclip_jax import methods
+
+# Fields a resumed run may change freely ('*' matches any key below a section); the methods'
+# options (methods.option_paths()) too.
 MAY_CHANGE = (
     "total_steps", "log_every", "eval_every", "dry_run", "checkpoint.*", "evals.*",
     "data.prefetch", "data.num_parallel_calls",
     "mesh.*", "model.remat", "accum_steps", "contrastive.impl", "contrastive.chunk",
-    "siglip.impl",
 )
 CHANGES_FILE = "resume_changes.jsonl"
 
@@ -56,7 +59,8 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def may_change(key: str) -> bool:
-  return any(fnmatch.fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
+  return (any(fnmatch.fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
+          or key in methods.option_paths())
 
 
 def differences(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:

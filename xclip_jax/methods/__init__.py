@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import Any
 
 from flax import nnx
 
@@ -50,6 +51,34 @@ def get_method(name: str) -> Method:
 def build_model(config, *, eos_id: int, seed: int):
   """The model config.method needs (towers + that method's heads), initialised from `seed`."""
   return get_method(config.method).model(config, eos_id=eos_id, rngs=nnx.Rngs(seed))
+
+
+def config_sections() -> dict[str, Any]:
+  """{section: ConfigDict of its fields and defaults} of every method that has one, for the
+  config schema (config.base_config). Methods may share a section (xCLIP reads nCLIP's)."""
+  sections, owners = {}, {}
+  for method in _discover().values():
+    if not method.section:
+      continue
+    first = owners.setdefault(method.section, method)
+    if first.defaults is not method.defaults:
+      raise TypeError(f"Methods {first.name!r} and {method.name!r} declare different defaults "
+                      f"for config.{method.section}: share one `defaults` function.")
+    if method.section not in sections:
+      sections[method.section] = method.defaults()
+  return sections
+
+
+def check_config(config) -> None:
+  """Every method's checks of its section's values (a bad value is an error in any config)."""
+  for method in _discover().values():
+    method.check_config(config)
+
+
+def option_paths() -> tuple[str, ...]:
+  """The config paths of every method option (methods.base.Option): ways to compute the same
+  loss and gradients, which a resumed run may change."""
+  return tuple(sorted({o.path for m in _discover().values() for o in m.options}))
 
 
 def check_options(config) -> None:

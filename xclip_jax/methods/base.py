@@ -7,8 +7,9 @@ A method module (methods/<name>.py) defines `METHOD = Method(...)`; the registry
                                                    the adapter from model outputs to the pure
                                                    objectives (xclip_jax/objectives/)
   views                                            what the input pipeline must give (data/views.py)
-  section, defaults                                its config section config.<section> and the
-                                                   section's default fields (the schema asks for them)
+  section, defaults()                              its config section config.<section> and that
+                                                   section's fields with their defaults (the schema,
+                                                   config.base_config(), asks the registry for them)
   check_config(config)                             checks of its section's values, before compiling
   prepare(batch, rng, config, text_spec) -> batch  on-device input work inside the jitted step
                                                    (DeCLIP: MLM masking of the caption)
@@ -89,6 +90,9 @@ class Method:
   model: Callable[..., Any]            # (config, *, eos_id, rngs) -> the nnx model
   objective: Callable[..., tuple[jax.Array, Metrics, Any]]
   views: views_lib.Views = views_lib.SINGLE
+  section: str = ""                    # config.<section> holds its fields ("": it has none)
+  defaults: Callable[[], Any] | None = None          # -> ml_collections.ConfigDict of them
+  check_config: Callable[[Any], None] = no_check
   prepare: Callable[..., dict[str, jax.Array]] = no_prepare
   init_state: Callable[[Any, jax.Array], Any] = no_state
   state_specs: Callable[[Any], Any] = lambda config: {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 from flax import nnx
 
 from xclip_jax.data import views as views_lib
@@ -14,6 +15,21 @@ from xclip_jax.methods import base
 from xclip_jax.models import heads, transformer
 from xclip_jax.models.two_tower import TwoTower, interleave, l2_normalize, split_views
 from xclip_jax.objectives import declip, mlm, nns
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """config.declip: the loss weights, MLM, the NNS queue and the SimSiam head sizes."""
+  c = ml_collections.ConfigDict()
+  c.clip_weight = 0.4               # the 4-pair multi-view InfoNCE (includes CLIP's pair)
+  c.simsiam_weight = 0.2            # image self-supervision
+  c.mlm_weight = 0.2                # text self-supervision
+  c.nns_weight = 0.2                # nearest-neighbour supervision
+  c.mlm_probability = 0.15
+  c.queue_size = 65_536             # NNS FIFO queue of text embeddings (global)
+  c.projector_hidden = 1024         # SimSiam projector: embed -> 1024 -> 1024 -> projector_dim
+  c.projector_dim = 1024
+  c.predictor_hidden = 512          # SimSiam predictor: projector_dim -> 512 -> projector_dim
+  return c
 
 
 class DeclipModel(TwoTower):
@@ -95,6 +111,7 @@ VIEWS = views_lib.Views(
            views_lib.ImageView("image2", crop="ssl", augment="moco")),
     text=(views_lib.TextView("text"), views_lib.TextView("text_aug", eda=True)))
 
-METHOD = base.Method("declip", model, objective, views=VIEWS, prepare=prepare, init_state=init_state,
+METHOD = base.Method("declip", model, objective, views=VIEWS, section="declip",
+                     defaults=defaults, prepare=prepare, init_state=init_state,
                      state_specs=state_specs, constrain_params=base.clamp_logit_scale,
                      options=(base.CHUNKED,))

@@ -8,12 +8,32 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from xclip_jax.methods import base
 from xclip_jax.models import heads, transformer
 from xclip_jax.models.two_tower import TwoTower
 from xclip_jax.objectives import nclip
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """config.nclip (read by nCLIP and xCLIP); objectives/nclip.py gives each choice's reason."""
+  c = ml_collections.ConfigDict()
+  c.prototypes = 32_768              # K, the paper recipe's prototype count
+  c.hidden = 2048                    # DINO-style head: MLP width,
+  c.bottleneck = 256                 #   bottleneck before the prototypes,
+  c.layers = 3                       #   and depth
+  c.shared_prototypes = True         # p_v and p_t must index the same clusters to agree
+  c.image_temp = 0.1                 # DINO student / MSN anchor temperature
+  c.text_temp = 0.1
+  c.target_temp = 0.05               # sharpened targets (DINO teacher 0.04-0.07)
+  c.stop_gradient_targets = True     # targets are constants, as in DINO/MSN/SwAV
+  c.sharp_weight = 0.1               # per-sample entropy; 1.0 overpowers smoothness (tests)
+  c.smooth_weight = 1.0              # log K - H(mean p) (MSN memax_weight default)
+  c.clip_weight = 0.3                # xCLIP: w_clip * CLIP + w_nclip * nCLIP (0.3 / 0.7,
+  c.nclip_weight = 0.7               #   a third-party summary of the paper)
+  return c
 
 
 class NclipModel(TwoTower):
@@ -95,6 +115,6 @@ def objective(outputs, batch, config, method_state):
 
 # nCLIP never trains its CLIP head: it is scored through its prototype distributions and probed
 # on the pooled image features.
-METHOD = base.Method("nclip", model, objective, constrain_params=base.clamp_logit_scale,
-                     options=(base.CHUNKED,), scoring_spaces=("prototypes",),
-                     probe_space="pooled")
+METHOD = base.Method("nclip", model, objective, section="nclip", defaults=defaults,
+                     constrain_params=base.clamp_logit_scale, options=(base.CHUNKED,),
+                     scoring_spaces=("prototypes",), probe_space="pooled")

@@ -3,16 +3,33 @@ t = exp(t') and bias b, neither clamped; config.siglip.impl=ring computes it as 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from xclip_jax.methods import base
 from xclip_jax.models import transformer
 from xclip_jax.models.two_tower import TwoTower
 from xclip_jax.objectives import siglip
+
+
+IMPLS = ("global", "ring")
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """config.siglip: t' and b at init, and how the loss is computed."""
+  return ml_collections.ConfigDict(dict(
+      temperature_init=math.log(10.0), bias_init=-10.0,
+      impl="global"))                      # global | ring (shard_map ppermute of text chunks)
+
+
+def check_config(config) -> None:
+  if config.siglip.impl not in IMPLS:
+    raise ValueError(f"config.siglip.impl={config.siglip.impl!r}: use global or ring.")
 
 
 class SiglipModel(TwoTower):
@@ -48,4 +65,5 @@ def objective(outputs, batch, config, method_state):
 RING = base.Option("siglip.impl", "global",
                    "SigLIP's memory-saving form is config.siglip.impl=ring.")
 
-METHOD = base.Method("siglip", model, objective, options=(RING,))
+METHOD = base.Method("siglip", model, objective, section="siglip", defaults=defaults,
+                     check_config=check_config, options=(RING,))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 from flax import nnx
 
 from xclip_jax.data import views as views_lib
@@ -13,6 +14,12 @@ from xclip_jax.methods import base
 from xclip_jax.models import heads, transformer
 from xclip_jax.models.two_tower import TwoTower, interleave, split_views
 from xclip_jax.objectives import simclr
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """config.slip: the SimCLR term's weight and temperature, its head's sizes."""
+  return ml_collections.ConfigDict(dict(ssl_weight=1.0, ssl_temperature=0.1, mlp_dim=4096,
+                                        embed_dim=256))
 
 
 class SlipModel(TwoTower):
@@ -64,5 +71,5 @@ VIEWS = views_lib.Views(
            views_lib.ImageView("image3", crop="ssl", augment="moco")),
     text=(views_lib.TextView("text"),))
 
-METHOD = base.Method("slip", model, objective, views=VIEWS, constrain_params=base.clamp_logit_scale,
-                     options=(base.CHUNKED,))
+METHOD = base.Method("slip", model, objective, views=VIEWS, section="slip", defaults=defaults,
+                     constrain_params=base.clamp_logit_scale, options=(base.CHUNKED,))

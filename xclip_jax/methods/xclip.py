@@ -19,5 +19,6 @@ def objective(outputs, batch, config, method_state):
 
 
 # The nCLIP model (its prototype heads on the shared towers), read by both losses.
-METHOD = base.Method("xclip", nclip.model, objective, constrain_params=base.clamp_logit_scale,
-                     options=(base.CHUNKED,), scoring_spaces=("clip", "prototypes"))
+METHOD = base.Method("xclip", nclip.model, objective, section="nclip", defaults=nclip.defaults,
+                     constrain_params=base.clamp_logit_scale, options=(base.CHUNKED,),
+                     scoring_spaces=("clip", "prototypes"))
