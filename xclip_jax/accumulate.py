@@ -8,21 +8,20 @@ with every ∂L/∂f_k at the cached (equal) values. Activations are held for on
 time; each micro-batch is encoded twice.
 
 Micro-batch k is rows k, k + K, k + 2K, ... so every device keeps feeding its own rows: no data
-moves between devices. The logit scale enters the loss directly as well as through the
-embeddings, so its direct gradient is taken from the first micro-batch's pass only.
-Only methods whose loss needs nothing but per-example embeddings and the scale qualify (CLIP).
+moves between devices. Outputs that depend on the parameters only (the logit scale) enter the
+loss directly as well as through the features, so their direct gradient is taken from the first
+micro-batch's pass only. Which outputs are which, the method declares
+(methods.base.Accumulation); methods whose loss needs more than such outputs (DeCLIP's BatchNorm
+heads and queue, SLIP's views) declare none and are refused.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-EMBEDDING_KEYS = ("image_emb", "text_emb")
-
 
 def to_micro(x: jax.Array, steps: int) -> jax.Array:
   """[B, ...] -> [K, B/K, ...]: micro-batch k holds rows k, k + K, ..."""
@@ -36,23 +35,32 @@ def from_micro(x: jax.Array) -> jax.Array:
 
 def accumulated_value_and_grad(graphdef: Any, params: Any, model_state: Any,
                                batch: dict[str, jax.Array], steps: int,
-                               loss_of_outputs: Callable[[dict[str, jax.Array]], tuple]):
-  """((loss, metrics), grads) of loss_of_outputs(model outputs of the whole batch)."""
+                               loss_of_outputs: Callable[[dict[str, jax.Array]], tuple],
+                               features: Sequence[str], shared: Sequence[str] = ()):
+  """((loss, metrics), grads) of loss_of_outputs(model outputs of the whole batch).
+
+  `features` name the per-example outputs the loss reads (cached), `shared` the outputs that
+  depend on the parameters only (e.g. the logit scale); the method declares both
+  (methods.base.Accumulation), and the loss must read nothing else.
+  """
+  features, shared = tuple(features), tuple(shared)
   micro = jax.tree.map(lambda x: to_micro(x, steps), batch)
 
   def embed(params, micro_batch):
     out = nnx.merge(graphdef, params, model_state)(micro_batch, train=True)
-    return {k: out[k] for k in EMBEDDING_KEYS}, out["logit_scale"]
+    return {k: out[k] for k in features}, {k: out[k] for k in shared}
 
-  # Pass 1: every micro-batch's embeddings, no gradients.
-  cached, scales = jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro)
+  # Pass 1: every micro-batch's features, no gradients.
+  cached, shared_values = jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro)
   cached = jax.tree.map(jax.lax.stop_gradient, cached)
-  scale = scales[0]
+  shared_values = jax.tree.map(lambda x: x[0], shared_values)
 
   def micro_loss(params, k, micro_batch):
-    fresh, fresh_scale = embed(params, micro_batch)
-    outputs = {key: from_micro(cached[key].at[k].set(fresh[key])) for key in EMBEDDING_KEYS}
-    outputs["logit_scale"] = jnp.where(k == 0, fresh_scale, jax.lax.stop_gradient(fresh_scale))
+    fresh, fresh_shared = embed(params, micro_batch)
+    outputs = {key: from_micro(cached[key].at[k].set(fresh[key])) for key in features}
+    # The direct gradient of a shared output is taken once, from the first micro-batch.
+    outputs.update({key: jnp.where(k == 0, value, jax.lax.stop_gradient(value))
+                    for key, value in fresh_shared.items()})
     return loss_of_outputs(outputs)[0]
 
   # Pass 2: each micro-batch's share of the full-batch gradient.
@@ -63,7 +71,6 @@ def accumulated_value_and_grad(graphdef: Any, params: Any, model_state: Any,
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, _ = jax.lax.scan(body, zeros, (jnp.arange(steps), micro))
-  full = {key: from_micro(cached[key]) for key in EMBEDDING_KEYS}
-  full["logit_scale"] = scale
-  loss, metrics = loss_of_outputs(full)
-  return (loss, metrics, full["logit_scale"]), grads
+  full = {key: from_micro(cached[key]) for key in features}
+  full.update(shared_values)
+  return loss_of_outputs(full), grads

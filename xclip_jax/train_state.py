@@ -111,22 +111,22 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
       loss, metrics, method_state = method.objective(outputs, batch, config,
                                                      state["method_state"])
       _, _, model_state = nnx.split(model, nnx.Param, ...)
-      return loss, (metrics, outputs.get("logit_scale"), nnx.to_pure_dict(model_state),
-                    method_state)
+      return loss, (metrics, nnx.to_pure_dict(model_state), method_state)
 
     if accum_steps > 1:
       def loss_of_outputs(outputs):
         loss, metrics, _ = method.objective(outputs, batch, config, state["method_state"])
         return loss, metrics
-      (loss, metrics, scale), grads = accumulate.accumulated_value_and_grad(
-          graphdef, state["params"], state["model_state"], batch, accum_steps, loss_of_outputs)
+      (loss, metrics), grads = accumulate.accumulated_value_and_grad(
+          graphdef, state["params"], state["model_state"], batch, accum_steps, loss_of_outputs,
+          method.accumulation.features, method.accumulation.shared)
       model_state, method_state = state["model_state"], state["method_state"]
     else:
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-      (loss, (metrics, scale, model_state, method_state)), grads = grad_fn(state["params"])
+      (loss, (metrics, model_state, method_state)), grads = grad_fn(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    # The method's parameter constraints (the CLIP family's logit-scale range).
+    # The method's parameter constraints (e.g. the CLIP family's logit-scale range).
     params = method.constrain_params(params, config)
 
     # A non-finite loss or gradient skips the update: every part of the state but the step
@@ -142,8 +142,6 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
 
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32),
                    param_norm=optax.tree.norm(params), lr=schedule(state["step"]))
-    if scale is not None:
-      metrics["logit_scale"] = scale
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state, "method_state": method_state,
                  "rng": jax.random.key_data(rng)}

@@ -16,7 +16,7 @@ def objective(outputs, batch, config, method_state):
   del batch
   pair_loss, _ = base.contrastive(config)
   loss, metrics = pair_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"])
-  return loss, {"clip_loss": loss, **metrics}, method_state
+  return loss, {"clip_loss": loss, "logit_scale": outputs["logit_scale"], **metrics}, method_state
 
 
 METHOD = base.Method(

@@ -92,8 +92,10 @@ def objective(outputs, batch, config, method_state):
   weights = {"clip_loss": config.declip.clip_weight, "simsiam_loss": config.declip.simsiam_weight,
              "mlm_loss": config.declip.mlm_weight, "nns_loss": config.declip.nns_weight}
   pair_loss, image_to_text = base.contrastive(config)
-  return declip.declip_loss(outputs, batch["mlm_targets"], batch["mlm_weights"], method_state,
-                            weights, pair_loss=pair_loss, image_to_text=image_to_text)
+  loss, metrics, queue = declip.declip_loss(
+      outputs, batch["mlm_targets"], batch["mlm_weights"], method_state, weights,
+      pair_loss=pair_loss, image_to_text=image_to_text)
+  return loss, dict(metrics, logit_scale=outputs["logit_scale"]), queue
 
 
 def init_state(config, rng):

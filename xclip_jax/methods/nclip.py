@@ -110,7 +110,8 @@ def objective(outputs, batch, config, method_state):
   clip_value, _ = pair_loss(jax.lax.stop_gradient(outputs["image_emb"]),
                             jax.lax.stop_gradient(outputs["text_emb"]),
                             jax.lax.stop_gradient(outputs["logit_scale"]))
-  return loss, {"nclip_loss": loss, "clip_loss_untrained": clip_value, **metrics}, method_state
+  return loss, {"nclip_loss": loss, "clip_loss_untrained": clip_value,
+                "logit_scale": outputs["logit_scale"], **metrics}, method_state
 
 
 # nCLIP never trains its CLIP head: it is scored through its prototype distributions and probed

@@ -59,7 +59,7 @@ def objective(outputs, batch, config, method_state):
   t, b = outputs["logit_scale"], outputs["logit_bias"]
   loss_fn = siglip.siglip_loss_ring if config.siglip.impl == "ring" else siglip.siglip_loss
   loss, metrics = loss_fn(outputs["image_emb"], outputs["text_emb"], t, b)
-  return loss, {"siglip_loss": loss, "logit_bias": b, **metrics}, method_state
+  return loss, {"siglip_loss": loss, "logit_scale": t, "logit_bias": b, **metrics}, method_state
 
 
 RING = base.Option("siglip.impl", "global",

@@ -60,8 +60,8 @@ def objective(outputs, batch, config, method_state):
   ssl_value, ssl_metrics = simclr.nt_xent_loss(outputs["ssl_z1"], outputs["ssl_z2"],
                                                config.slip.ssl_temperature)
   loss = clip_value + config.slip.ssl_weight * ssl_value
-  return loss, {"clip_loss": clip_value, "ssl_loss": ssl_value, **metrics, **ssl_metrics}, \
-      method_state
+  return loss, {"clip_loss": clip_value, "ssl_loss": ssl_value,
+                "logit_scale": outputs["logit_scale"], **metrics, **ssl_metrics}, method_state
 
 
 # The CLIP view is a plain crop (no flip, no colour); the SimCLR views are MoCo-style.

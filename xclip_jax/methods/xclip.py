@@ -14,8 +14,8 @@ def objective(outputs, batch, config, method_state):
   clip_value, clip_metrics = pair_loss(outputs["image_emb"], outputs["text_emb"],
                                        outputs["logit_scale"])
   loss = config.nclip.clip_weight * clip_value + config.nclip.nclip_weight * nclip_value
-  return loss, {"clip_loss": clip_value, "nclip_loss": nclip_value, **clip_metrics,
-                **metrics}, method_state
+  return loss, {"clip_loss": clip_value, "nclip_loss": nclip_value,
+                "logit_scale": outputs["logit_scale"], **clip_metrics, **metrics}, method_state
 
 
 # The nCLIP model (its prototype heads on the shared towers), read by both losses.
