@@ -28,7 +28,7 @@ def demo_dir(tmp_path_factory):
 
   Set XCLIP_TEST_DATA_DIR=<data_dir> to reuse a prepared one (e.g. the demo run's).
   """
-  from xclip_jax.data import pipeline
+  from xclip_jax.data import datasets
   data_dir = os.environ.get("XCLIP_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-  pipeline.prepare_dataset("xclip_demo", data_dir, builtin=True)
+  datasets.prepare_dataset("xclip_demo", data_dir, builtin=True)
   return data_dir

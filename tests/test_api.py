@@ -17,7 +17,7 @@ from PIL import Image
 
 import xclip_jax
 from xclip_jax import checkpoint, train
-from xclip_jax.data import pipeline
+from xclip_jax.data import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "inspect_checkpoint.ipynb")
@@ -39,7 +39,7 @@ def model(trained):
 
 def _test_examples(model, n):
   ev = model.config.evals.zeroshot
-  builder = pipeline.prepare_dataset(ev.dataset, model.config.data.data_dir)
+  builder = datasets.prepare_dataset(ev.dataset, model.config.data.data_dir)
   examples = list(builder.as_dataset(split=ev.split).take(n).as_numpy_iterator())
   return [e["image"] for e in examples], np.array([e["label"] for e in examples])
 
@@ -66,7 +66,7 @@ def test_zeroshot_through_the_api_matches_the_evaluator(trained, model):
   _, metrics = trained
   n = int(metrics["zeroshot/examples"])
   images, labels = _test_examples(model, n)
-  names = pipeline.class_names("xclip_demo", model.config.data.data_dir)
+  names = datasets.class_names("xclip_demo", model.config.data.data_dir)
   classifier = model.zeroshot_classifier(names, templates=model.config.evals.zeroshot.templates)
   assert classifier.shape == (len(names), model.config.model.embed_dim)
   np.testing.assert_allclose(np.linalg.norm(classifier, axis=1), 1.0, atol=1e-5)
@@ -160,7 +160,7 @@ def test_notebook_executes_on_a_tiny_checkpoint(trained, model, demo_dir, monkey
   assert f"12 images -> (12, {dim}), 12 captions -> (12, {dim})" in text
   # The notebook's printed accuracy equals the API's on the same 12 images.
   images, labels = _test_examples(model, 12)
-  names = pipeline.class_names("xclip_demo", demo_dir)
+  names = datasets.class_names("xclip_demo", demo_dir)
   classifier = model.zeroshot_classifier(names, templates="demo")
   expected = 100.0 * np.mean((model.encode_image(images) @ classifier.T).argmax(1) == labels)
   printed = float(re.search(r"zero-shot top-1 on these 12 images: ([\d.]+)%", text).group(1))

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from xclip_jax.data import eda, eval_datasets
-from xclip_jax.data.builders import pair_dataset
+from xclip_jax.data.pairs import pair_dataset
 from xclip_jax.evaluate import benchmarks, templates, zeroshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,13 +108,13 @@ def test_every_entry_is_in_tfds_label_order():
 
 def test_templates_are_openais():
   assert benchmarks.benchmark("imagenet2012").templates == templates.CLIP80
-  assert templates.get_templates("imagenet1k") == templates.CLIP80
-  assert templates.get_templates("cifar10")[:2] == ("a photo of a {}.", "a blurry photo of a {}.")
-  assert templates.get_templates("food101") == ("a photo of {}, a type of food.",)
-  assert len(templates.get_templates("caltech101")) == 34
-  assert templates.get_templates("auto") == templates.CLIP80     # no dataset to ask
+  assert benchmarks.get_templates("imagenet1k") == templates.CLIP80
+  assert benchmarks.get_templates("cifar10")[:2] == ("a photo of a {}.", "a blurry photo of a {}.")
+  assert benchmarks.get_templates("food101") == ("a photo of {}, a type of food.",)
+  assert len(benchmarks.get_templates("caltech101")) == 34
+  assert benchmarks.get_templates("auto") == templates.CLIP80     # no dataset to ask
   with pytest.raises(ValueError, match="curated"):
-    templates.get_templates("no_such_set")
+    benchmarks.get_templates("no_such_set")
 
 
 # ---- selection rules ----------------------------------------------------------------------------

@@ -19,11 +19,13 @@ from PIL import Image
 
 from xclip_jax import config as cfglib
 from xclip_jax.data import convert
-from xclip_jax.data import pipeline
+from xclip_jax.data import datasets
+from xclip_jax.data import global_batches
 from xclip_jax.data import tokenizer as toklib
+from xclip_jax.data import train_pipeline
 from xclip_jax.data import views as views_lib
-from xclip_jax.data.builders import pair_cleaning
-from xclip_jax.data.builders import pair_dataset
+from xclip_jax.data.pairs import pair_cleaning
+from xclip_jax.data.pairs import pair_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = convert.Options(image=pair_cleaning.ImageOptions(max_side=64, min_side=8,
@@ -217,7 +219,7 @@ def test_resume_skips_finished_shards_and_ignores_partial_files(tmp_path):
   os.remove(os.path.join(directory, "dataset_info.json"))
   done_stat = os.stat(done)
   with pytest.raises(FileNotFoundError, match="not prepared"):
-    pipeline.prepare_dataset("resumed", data_dir, builtin=False)
+    datasets.prepare_dataset("resumed", data_dir, builtin=False)
   second = convert.convert(tasks, name="resumed", data_dir=data_dir, options=OPTIONS,
                            progress=False)
   assert second["shards_resumed"] == 2
@@ -273,12 +275,12 @@ def test_tokenizer_cli_and_train_pipeline_on_converted_data(converted, tmp_path)
   cfglib.apply_demo(c)
   c.data.update(dict(name="my_pairs", data_dir=data_dir, builtin=False, text_key="caption",
                      shuffle_buffer=64))
-  ds = pipeline.make_train_dataset(c, tokenizer, views=views_lib.SINGLE, process_index=0,
+  ds = train_pipeline.make_train_dataset(c, tokenizer, views=views_lib.SINGLE, process_index=0,
                                    process_count=1, host_batch_size=8)
   batch = next(ds.as_numpy_iterator())
   assert batch["image"].shape == (8, 32, 32, 3) and batch["text"].shape == (8, 32)
-  assert batch[pipeline.STATS_KEY]["records"] == 8
-  assert sum(batch[pipeline.STATS_KEY][k] for k in pipeline.DROP_REASONS) == 0
+  assert batch[global_batches.STATS_KEY]["records"] == 8
+  assert sum(batch[global_batches.STATS_KEY][k] for k in train_pipeline.DROP_REASONS) == 0
 
 
 def test_host_pipeline_benchmark_runs_every_mode(converted):

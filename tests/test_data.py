@@ -14,9 +14,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from xclip_jax import config as cfglib
+from xclip_jax.data import datasets
+from xclip_jax.data import eval_datasets
+from xclip_jax.data import eval_image
+from xclip_jax.data import global_batches
 from xclip_jax.data import image as image_lib
-from xclip_jax.data import pipeline
 from xclip_jax.data import tokenizer as toklib
+from xclip_jax.data import train_pipeline
 from xclip_jax.data import view_crops
 from xclip_jax.data import views as views_lib
 from xclip_jax.data.builders import xclip_demo as demo
@@ -126,7 +130,7 @@ def test_full_scale_crop_is_the_whole_image():
 
 def test_eval_transform_resizes_shorter_side_then_centre_crops():
   png = tf.io.encode_png(tf.zeros([40, 80, 3], tf.uint8))
-  out = image_lib.eval_transform(png, size=32, mean=MEAN, std=STD)
+  out = eval_image.eval_transform(png, size=32, mean=MEAN, std=STD)
   assert out.shape == (32, 32, 3)
   np.testing.assert_allclose(out.numpy()[0, 0], -np.array(MEAN) / STD, rtol=1e-5)
 
@@ -135,28 +139,28 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops():
 
 def test_get_field_samples_each_caption_of_a_list():
   example = {"captions": {"text": tf.constant(["a", "b", "c"])}, "label": tf.constant(5)}
-  picks = [pipeline.get_field(example, "captions/text", tf.constant([i, 1])).numpy()
+  picks = [datasets.get_field(example, "captions/text", tf.constant([i, 1])).numpy()
            for i in range(300)]
   counts = {p: picks.count(p) for p in set(picks)}
   assert set(counts) == {b"a", b"b", b"c"} and min(counts.values()) > 60
-  again = pipeline.get_field(example, "captions/text", tf.constant([5, 1])).numpy()
+  again = datasets.get_field(example, "captions/text", tf.constant([5, 1])).numpy()
   assert again == picks[5]                                    # stateless: same seed, same pick
-  assert pipeline.get_field(example, "label").numpy() == 5     # scalars pass through
+  assert datasets.get_field(example, "label").numpy() == 5     # scalars pass through
   empty = {"captions": {"text": tf.constant([], tf.string)}}
-  assert pipeline.get_field(empty, "captions/text", tf.constant([0, 0])).numpy() == b""
+  assert datasets.get_field(empty, "captions/text", tf.constant([0, 0])).numpy() == b""
   with pytest.raises(KeyError, match="caption"):
-    pipeline.get_field(example, "caption")
+    datasets.get_field(example, "caption")
 
 
 # ---- pipelines --------------------------------------------------------------------------------
 
 def test_train_dataset_shapes_and_determinism(demo_config, demo_tokenizer):
   assert demo_tokenizer.vocab_size <= demo_config.model.text.vocab_size
-  make = lambda: pipeline.make_train_dataset(   # noqa: E731
+  make = lambda: train_pipeline.make_train_dataset(   # noqa: E731
       demo_config, demo_tokenizer, views=views_lib.SINGLE, process_index=0, process_count=1,
       host_batch_size=32)
   batch = next(make().as_numpy_iterator())
-  assert set(batch) == {"image", "text", pipeline.STATS_KEY}
+  assert set(batch) == {"image", "text", global_batches.STATS_KEY}
   # uint8 crops, neither flipped nor normalised (the train step does that on the device).
   assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["text"].shape == (32, demo_config.model.text.context_length)
@@ -192,7 +196,7 @@ def test_process_slices_are_disjoint(demo_config, demo_tokenizer):
   c.data.crop_scale, c.data.flip = (1.0, 1.0), False   # identity augmentation: images identify examples
   seen = []
   for process_index in range(2):
-    ds = pipeline.make_train_dataset(c, demo_tokenizer, views=views_lib.SINGLE,
+    ds = train_pipeline.make_train_dataset(c, demo_tokenizer, views=views_lib.SINGLE,
                                      process_index=process_index, process_count=2,
                                      host_batch_size=64)
     hashes = set()
@@ -208,7 +212,7 @@ def test_eval_dataset_pads_to_the_same_number_of_batches(demo_config):
   eval_cfg.max_examples = 101
   total, lengths = 0, []
   for process_index in range(3):
-    ds = pipeline.make_eval_dataset(eval_cfg, demo_config, process_index=process_index,
+    ds = eval_datasets.make_eval_dataset(eval_cfg, demo_config, process_index=process_index,
                                     process_count=3, host_batch_size=16)
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == len(ds) == 3          # ceil(34 / 16) on every process
@@ -221,20 +225,20 @@ def test_eval_dataset_pads_to_the_same_number_of_batches(demo_config):
     total += int(masks.sum())
   assert total == 101 and len(set(lengths)) == 1
   # The whole split, one process: 1000 examples in 4 batches of 256, the last one 232 real.
-  ds = pipeline.make_classification_dataset(
+  ds = eval_datasets.make_classification_dataset(
       "xclip_demo", split="test", host_batch_size=256, image_size=32, mean=MEAN, std=STD,
       process_index=0, process_count=1, data_dir=demo_config.data.data_dir)
   masks = [b["mask"].sum() for b in ds.as_numpy_iterator()]
   assert masks == [256, 256, 256, 232]
-  assert pipeline.class_names("xclip_demo", demo_config.data.data_dir)[:2] == [
+  assert datasets.class_names("xclip_demo", demo_config.data.data_dir)[:2] == [
       "red circle", "red square"]
 
 
 def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
   with pytest.raises(FileNotFoundError, match="tfds build coco_captions"):
-    pipeline.prepare_dataset("coco_captions", str(tmp_path), builtin=False)
+    datasets.prepare_dataset("coco_captions", str(tmp_path), builtin=False)
   with pytest.raises(FileNotFoundError, match="--config.data.name"):
-    pipeline.prepare_dataset("my_own_pairs", str(tmp_path), builtin=False)
+    datasets.prepare_dataset("my_own_pairs", str(tmp_path), builtin=False)
 
 
 # ---- global batches ---------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def test_global_batch_iterator_shards_over_the_batch_axis():
   sharding = _mesh_sharding()
   host = [{"image": np.full((16, 4, 4, 3), i, np.float32), "text": np.full((16, 8), i, np.int32)}
           for i in range(5)]
-  with pipeline.GlobalBatchIterator(host, sharding, prefetch=2) as it:
+  with global_batches.GlobalBatchIterator(host, sharding, prefetch=2) as it:
     batches = list(it)
   assert len(batches) == 5
   for i, batch in enumerate(batches):
@@ -259,7 +263,7 @@ def test_global_batch_iterator_shards_over_the_batch_axis():
     np.testing.assert_array_equal(np.asarray(batch["text"]), host[i]["text"])
   # A tf.data dataset (the train pipeline's type) is read through as_numpy_iterator().
   ds = tf.data.Dataset.from_tensors({"mask": tf.ones([16], tf.bool)}).repeat(3)
-  with pipeline.GlobalBatchIterator(ds, {"mask": sharding}) as it:   # a pytree of shardings
+  with global_batches.GlobalBatchIterator(ds, {"mask": sharding}) as it:   # a pytree of shardings
     assert [b["mask"].shape for b in it] == [(16,)] * 3
 
 
@@ -268,7 +272,7 @@ def test_global_batch_iterator_propagates_errors_and_closes():
     yield {"x": np.zeros((8, 2), np.float32)}
     raise ValueError("bad record")
 
-  it = pipeline.GlobalBatchIterator(broken(), _mesh_sharding())
+  it = global_batches.GlobalBatchIterator(broken(), _mesh_sharding())
   assert next(it)["x"].shape == (8, 2)
   with pytest.raises(ValueError, match="bad record"):
     next(it)
@@ -280,7 +284,7 @@ def test_global_batch_iterator_propagates_errors_and_closes():
     while True:
       yield {"x": np.zeros((8, 2), np.float32)}
 
-  it = pipeline.GlobalBatchIterator(endless(), _mesh_sharding(), prefetch=1)
+  it = global_batches.GlobalBatchIterator(endless(), _mesh_sharding(), prefetch=1)
   next(it)
   it.close()
   assert not it._thread.is_alive()

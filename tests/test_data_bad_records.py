@@ -15,10 +15,11 @@ from PIL import Image
 
 from xclip_jax import config as cfglib
 from xclip_jax import train
-from xclip_jax.data import pipeline
+from xclip_jax.data import global_batches
 from xclip_jax.data import tokenizer as toklib
+from xclip_jax.data import train_pipeline
 from xclip_jax.data import views as views_lib
-from xclip_jax.data.builders import pair_dataset
+from xclip_jax.data.pairs import pair_dataset
 
 
 def _jpeg(w, h, seed):
@@ -92,7 +93,7 @@ def _config(data_dir, name="bad_records", **data):
 
 
 def _batches(config, tokenizer, n, **kw):
-  ds = pipeline.make_train_dataset(config, tokenizer, views=views_lib.SINGLE, process_index=0,
+  ds = train_pipeline.make_train_dataset(config, tokenizer, views=views_lib.SINGLE, process_index=0,
                                    process_count=1, host_batch_size=6, **kw)
   return list(ds.take(n).as_numpy_iterator())
 
@@ -101,8 +102,8 @@ def test_bad_records_are_dropped_and_counted_exactly(bad_dataset):
   data_dir, tokenizer = bad_dataset
   # No shuffle, 6 rows + 2 spares per batch: 3 batches read the 24 records exactly once.
   batches = _batches(_config(data_dir), tokenizer, 3)
-  totals = {k: sum(int(b[pipeline.STATS_KEY][k]) for b in batches)
-            for k in batches[0][pipeline.STATS_KEY]}
+  totals = {k: sum(int(b[global_batches.STATS_KEY][k]) for b in batches)
+            for k in batches[0][global_batches.STATS_KEY]}
   assert totals == {"records": 24, "undecodable_image": 2, "empty_caption": 1,
                     "too_large_image": 1, "duplicated": 1, "caption_not_utf8": 1,
                     "caption_truncated": 1}
@@ -121,12 +122,12 @@ def test_exact_resume_and_determinism_with_bad_records(bad_dataset):
   data_dir, tokenizer = bad_dataset
   config = _config(data_dir, shuffle_buffer=16)
   full = _batches(config, tokenizer, 6)
-  assert sum(int(b[pipeline.STATS_KEY]["undecodable_image"]) for b in full) > 0
+  assert sum(int(b[global_batches.STATS_KEY]["undecodable_image"]) for b in full) > 0
   resumed = _batches(config, tokenizer, 2, start_step=4)
   for a, b in zip(full[4:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["text"], b["text"])
-    assert a[pipeline.STATS_KEY] == b[pipeline.STATS_KEY]
+    assert a[global_batches.STATS_KEY] == b[global_batches.STATS_KEY]
   again = _batches(config, tokenizer, 6)
   for a, b in zip(full, again):
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -140,10 +141,10 @@ def test_a_block_without_any_usable_record_stops_with_a_clear_error(bad_dataset)
 
 def test_counters_reach_the_train_metrics(bad_dataset):
   data_dir, tokenizer = bad_dataset
-  ds = pipeline.make_train_dataset(_config(data_dir), tokenizer, views=views_lib.SINGLE,
+  ds = train_pipeline.make_train_dataset(_config(data_dir), tokenizer, views=views_lib.SINGLE,
                                    process_index=0, process_count=1, host_batch_size=8)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  with pipeline.GlobalBatchIterator(ds, NamedSharding(mesh, P("data"))) as batches:
+  with global_batches.GlobalBatchIterator(ds, NamedSharding(mesh, P("data"))) as batches:
     batch = next(batches)
     assert set(batch) == {"image", "text"}     # counters stay on the host
     next(batches)
@@ -158,6 +159,6 @@ def test_truncated_jpegs_are_dropped_though_only_a_window_is_decoded(bad_dataset
   config = _config(data_dir, name="truncated_jpegs", crop_scale=(0.03, 0.06),
                    max_image_pixels=0, spare_records=0)
   batches = _batches(config, tokenizer, 2)          # 12 records, once
-  assert sum(int(b[pipeline.STATS_KEY]["undecodable_image"]) for b in batches) == 4
+  assert sum(int(b[global_batches.STATS_KEY]["undecodable_image"]) for b in batches) == 4
   texts = [t for b in batches for t in tokenizer.decode(b["text"])]
   assert not {f"photo number {i}" for i in (0, 3, 6, 9)} & set(texts)

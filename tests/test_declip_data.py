@@ -6,7 +6,8 @@ import numpy as np
 
 from xclip_jax import methods
 from xclip_jax.data import eda
-from xclip_jax.data import pipeline
+from xclip_jax.data import global_batches
+from xclip_jax.data import train_pipeline
 
 import configs.declip as declip_config
 
@@ -206,13 +207,13 @@ def test_declip_batches_have_two_views_and_an_eda_caption(demo_dir):
   config.data.data_dir = demo_dir
   tok = tokenizer_lib.resolve_tokenizer(config)
   views = methods.get_method("declip").views
-  make = lambda: pipeline.make_train_dataset(   # noqa: E731
+  make = lambda: train_pipeline.make_train_dataset(   # noqa: E731
       config, tok, views=views, process_index=0, process_count=1, host_batch_size=8)
   batch = next(iter(make().as_numpy_iterator()))
-  assert set(batch) == {"image", "image2", "text", "text_aug", pipeline.STATS_KEY}
-  stats = batch[pipeline.STATS_KEY]       # the demo has no bad record
+  assert set(batch) == {"image", "image2", "text", "text_aug", global_batches.STATS_KEY}
+  stats = batch[global_batches.STATS_KEY]       # the demo has no bad record
   assert stats["records"] == 8 and stats["duplicated"] == 0
-  assert all(stats[reason] == 0 for reason in pipeline.DROP_REASONS)
+  assert all(stats[reason] == 0 for reason in train_pipeline.DROP_REASONS)
   assert batch["image"].shape == batch["image2"].shape == (8, 32, 32, 3)
   assert batch["image"].dtype == batch["image2"].dtype == np.uint8
   assert batch["text"].shape == batch["text_aug"].shape == (8, 32)
@@ -238,10 +239,10 @@ def test_views_are_declared_not_counted(demo_dir):
   config.data.data_dir = demo_dir
   config.data.crop_scale, config.data.view_crop_scale = (1.0, 1.0), (0.02, 0.04)
   tok = tokenizer_lib.resolve_tokenizer(config)
-  slip = pipeline.make_train_dataset(config, tok, views=methods.get_method("slip").views,
+  slip = train_pipeline.make_train_dataset(config, tok, views=methods.get_method("slip").views,
                                      process_index=0, process_count=1, host_batch_size=4)
   batch = next(iter(slip.as_numpy_iterator()))
-  assert set(batch) == {"image", "image2", "image3", "text", pipeline.STATS_KEY}
+  assert set(batch) == {"image", "image2", "image3", "text", global_batches.STATS_KEY}
   # "clip" crop = config.data.crop_scale (the whole image here), "ssl" = view_crop_scale (tiny
   # crops, enlarged: smooth, so neighbouring pixels differ less).
   roughness = lambda x: np.abs(np.diff(x.astype(int), axis=2)).mean()   # noqa: E731
@@ -251,8 +252,8 @@ def test_views_are_declared_not_counted(demo_dir):
                             text=(views_lib.TextView("caption"),
                                   views_lib.TextView("eda_a", eda=True),
                                   views_lib.TextView("eda_b", eda=True)))
-  batch = next(iter(pipeline.make_train_dataset(
+  batch = next(iter(train_pipeline.make_train_dataset(
       config, tok, views=made_up, process_index=0, process_count=1,
       host_batch_size=16).as_numpy_iterator()))
-  assert set(batch) == {"picture", "caption", "eda_a", "eda_b", pipeline.STATS_KEY}
+  assert set(batch) == {"picture", "caption", "eda_a", "eda_b", global_batches.STATS_KEY}
   assert not np.array_equal(batch["eda_a"], batch["eda_b"])           # each its own EDA draw

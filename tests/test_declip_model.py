@@ -11,11 +11,12 @@ from xclip_jax import checkpoint, optim
 from xclip_jax import train_state as ts
 from xclip_jax import methods
 from xclip_jax.models import two_tower
+from xclip_jax.data import text_spec
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.declip as declip_config
 
-TEXT_SPEC = dict(vocab_size=200, pad_id=0, eos_id=2, mask_id=3, first_regular_id=4)
+TEXT_SPEC = text_spec.TextSpec.reserved(200)     # pad 0, eos 2, mask 3, pieces from 4
 
 
 def tiny_config(**overrides):

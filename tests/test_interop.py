@@ -21,6 +21,7 @@ from flax import nnx
 import configs.finetune as finetune_config
 from xclip_jax import checkpoint, finetune, methods, train
 from xclip_jax.data import clip_bpe
+from xclip_jax.data import text_spec
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.interop import convert, openai_layout, torch_files
 
@@ -82,8 +83,8 @@ def test_resolve_tokenizer_selects_clip_bpe(merges_path):
   c.tokenizer.kind, c.tokenizer.path = "clip_bpe", merges_path
   tok = tokenizer_lib.resolve_tokenizer(c)
   assert isinstance(tok, clip_bpe.ClipBpeTokenizer)
-  spec = tokenizer_lib.text_spec(tok)
-  assert spec == dict(vocab_size=SOT, pad_id=0, eos_id=EOT, mask_id=SOT, first_regular_id=1)
+  assert tok.spec == text_spec.TextSpec(vocab_size=SOT, pad_id=0, eos_id=EOT, mask_id=SOT,
+                                        first_regular_id=1)
   c.tokenizer.path = merges_path + ".missing"
   with pytest.raises(FileNotFoundError, match="open_clip_torch wheel"):
     tokenizer_lib.resolve_tokenizer(c)

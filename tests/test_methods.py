@@ -12,6 +12,7 @@ from xclip_jax import config as config_lib
 from xclip_jax import methods, optim
 from xclip_jax import train_state as ts
 from xclip_jax.objectives import clip, declip, mlm, nclip, nns, siglip, simclr, simsiam
+from xclip_jax.data import text_spec
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.clip, configs.declip, configs.nclip, configs.siglip, configs.slip  # noqa: E401
@@ -19,7 +20,7 @@ import configs.xclip
 
 CONFIGS = {"clip": configs.clip, "declip": configs.declip, "nclip": configs.nclip,
            "xclip": configs.xclip, "siglip": configs.siglip, "slip": configs.slip}
-TEXT_SPEC = dict(vocab_size=200, pad_id=0, eos_id=2, mask_id=3, first_regular_id=4)
+TEXT_SPEC = text_spec.TextSpec.reserved(200)     # pad 0, eos 2, mask 3, pieces from 4
 B, D, K = 16, 8, 12
 
 

@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from xclip_jax.data import text_spec
 from xclip_jax.data import tokenizer as toklib
 from xclip_jax.data.builders import xclip_demo
 
@@ -25,6 +26,11 @@ def test_reserved_ids(tokenizer):
   assert sp.id_to_piece(3) == "<mask>" and sp.is_control(3)
   assert sp.pad_id() == 0 and sp.eos_id() == 2 and sp.bos_id() == -1
   assert 10 < tokenizer.vocab_size <= 300
+  # The TextSpec the model and the objectives read: the same ids, pieces from 4 on.
+  assert tokenizer.spec == text_spec.TextSpec(vocab_size=tokenizer.vocab_size, pad_id=0,
+                                              eos_id=2, mask_id=3, first_regular_id=4)
+  assert tokenizer.spec == text_spec.TextSpec.reserved(tokenizer.vocab_size)
+  assert tokenizer.spec.special_ids == (0, 2, 3)
 
 
 def test_encode_pads_and_always_ends_with_eos(tokenizer):

@@ -180,10 +180,10 @@ class LoadedModel:
     """[C, D] class features, as the zero-shot evaluator builds them: in the "clip" space each
     class's prompt embeddings averaged and renormalised, in "prototypes" the mean of its prompts'
     q_t. `templates` is a set name (demo, short, clip80) or a list."""
-    from xclip_jax.evaluate import templates as templates_lib  # noqa: PLC0415
+    from xclip_jax.evaluate import benchmarks  # noqa: PLC0415
     space = self._space(space)
     if isinstance(templates, str):
-      templates = templates_lib.get_templates(templates)
+      templates = benchmarks.get_templates(templates)
     prompts = [t.format(name) for name in class_names for t in templates]
     return np.asarray(spaces_lib.class_features(
         space, jnp.asarray(self.encode_text(prompts, space=space)), len(class_names)))
@@ -249,7 +249,7 @@ def load(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | Non
   if mesh is None:
     mesh = mesh_lib.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.local_devices())
   tokenizer = tokenizer_lib.resolve_tokenizer(config, process_index=0)
-  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.spec.eos_id, seed=config.seed)
   graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
   step, restored = checkpoint.restore_model(
       workdir, step, {"params": abstract_params, "model_state": abstract_rest})

@@ -112,6 +112,7 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
   from xclip_jax import optim
   from xclip_jax import train_state as ts
   from xclip_jax.data import device_augment, synthetic
+  from xclip_jax.data import text_spec as text_spec_lib
   from xclip_jax.parallel import mesh as mesh_lib
 
   if augment not in ("both", "on", "off"):
@@ -124,8 +125,7 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
   tx, schedule = optim.make_optimizer(config, params)
   state = ts.init_train_state(params, model_state, tx, mesh, config.seed,
                               ts.init_method_state(method, config, mesh, config.seed))
-  text_spec = dict(vocab_size=config.model.text.vocab_size, pad_id=0, eos_id=2, mask_id=3,
-                   first_regular_id=4)
+  text_spec = text_spec_lib.TextSpec.reserved(config.model.text.vocab_size)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   host_batch = synthetic.global_batch(config, 0, method.views)
   image_keys = [view.key for view in method.views.image]

@@ -23,10 +23,12 @@ from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
 from xclip_jax import resume
 from xclip_jax import train_state as ts
+from xclip_jax.data import datasets
 from xclip_jax.data import global_batches
-from xclip_jax.data import pipeline
 from xclip_jax.data import synthetic
+from xclip_jax.data import text_spec as text_spec_lib
 from xclip_jax.data import tokenizer as tokenizer_lib
+from xclip_jax.data import train_pipeline
 from xclip_jax.evaluate import runner as eval_runner
 from xclip_jax.parallel import mesh as mesh_lib
 from xclip_jax.parallel import multihost
@@ -50,7 +52,7 @@ def _counter_totals(batches: global_batches.GlobalBatchIterator,
                     base: dict[str, int] | None = None) -> dict[str, int]:
   """Bad-record counters of the input pipeline, summed over processes, plus `base` (the totals
   saved with the checkpoint this run resumed from): undecodable_image, duplicated,
-  caption_truncated, records, ... (pipeline.py). A collective: every process calls it at the
+  caption_truncated, records, ... (train_pipeline.py). A collective: every process calls it at the
   same steps (log and save steps)."""
   counters = batches.data_counters()
   names = sorted(set(counters) | set(base or {}))
@@ -96,13 +98,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
     mesh_lib.batch_size_per_process(config.batch_size // config.accum_steps, mesh)
   finetune.check_not_source(workdir, config.init_from)
   is_synthetic = config.data.name == synthetic.NAME
-  if is_synthetic:
-    tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)
+  if is_synthetic:     # token ids as SentencePiece reserves them; nothing to encode
+    tokenizer, text_spec = None, text_spec_lib.TextSpec.reserved(config.model.text.vocab_size)
   else:
-    pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
+    datasets.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
     tokenizer = tokenizer_lib.resolve_tokenizer(config)
-  if tokenizer.vocab_size > config.model.text.vocab_size:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
+    text_spec = tokenizer.spec
+  if text_spec.vocab_size > config.model.text.vocab_size:
+    raise ValueError(f"The tokenizer has {text_spec.vocab_size} ids but config.model.text.vocab_size"
                      f"={config.model.text.vocab_size}; raise the latter.")
   _check_writable(workdir)
   finetune.check_not_imported(workdir)
@@ -127,7 +130,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   # ------------------------------------------------------------------------------------------------
   #  Model and optimizer state, created directly in their shardings
   # ------------------------------------------------------------------------------------------------
-  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  model_fn = lambda: methods.build_model(config, eos_id=text_spec.eos_id, seed=config.seed)
   graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
   tx, schedule = optim.make_optimizer(config, params)
   method_state = ts.init_method_state(method, config, mesh, config.seed)
@@ -157,7 +160,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
     dataset = synthetic.host_batches(config, batch_sharding, start_step=start_step,
                                      views=method.views)
   else:
-    dataset = pipeline.make_train_dataset(
+    dataset = train_pipeline.make_train_dataset(
         config, tokenizer, views=method.views, process_index=jax.process_index(),
         process_count=jax.process_count(), host_batch_size=host_batch,
         **(dict(start_step=start_step) if config.data.exact_resume
@@ -176,7 +179,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   # ------------------------------------------------------------------------------------------------
   #  Compile the step ahead of time (reports compile time; dry_run stops here)
   # ------------------------------------------------------------------------------------------------
-  text_spec = tokenizer_lib.text_spec(tokenizer)
   train_step = ts.jit_train_step(
       ts.make_train_step(graphdef, tx, schedule, method, config, text_spec),
       state_shardings, batch_sharding, mesh)

@@ -24,6 +24,7 @@ from flax import nnx
 from xclip_jax import accumulate
 from xclip_jax import methods
 from xclip_jax.data import device_augment
+from xclip_jax.data import text_spec as text_spec_lib
 from xclip_jax.parallel import mesh as mesh_lib
 
 TrainState = dict[str, Any]
@@ -79,14 +80,14 @@ def abstract_of(tree: Any) -> Any:
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     method: methods.Method, config: ml_collections.ConfigDict,
-                    text_spec: dict[str, int] | None = None, augment: bool = True):
+                    text_spec: text_spec_lib.TextSpec | None = None, augment: bool = True):
   """Returns the un-jitted step: (state, batch) -> (state, metrics).
 
   The batch's image views (the method's declared `views`) are uint8 pixels (float is read as
   0..255 too); the step first augments and normalises them on the device as each view declares
   (data/device_augment.py), with per-example keys from (config.seed, state["step"], global row).
   augment=False skips that: the images are then the model's input as given (already normalised
-  float32; benchmarks compare the two). `text_spec` (the tokenizer's vocab_size and special ids)
+  float32; benchmarks compare the two). `text_spec` (the tokenizer's vocab size and special ids)
   is needed by methods whose `prepare` edits token ids (DeCLIP's MLM masking).
   """
   accum_steps = int(config.accum_steps)

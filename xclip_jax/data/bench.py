@@ -32,7 +32,7 @@ from xclip_jax import config as config_lib
 from xclip_jax import methods
 from xclip_jax.data import eda
 from xclip_jax.data import image as image_lib
-from xclip_jax.data import pipeline
+from xclip_jax.data import datasets
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.data import train_pipeline
 
@@ -52,9 +52,9 @@ def _options(cores: int) -> tf.data.Options:
 def cached_records(config, records: int) -> tf.data.Dataset:
   """The first `records` encoded examples of the configured dataset, held in memory."""
   d = config.data
-  builder = pipeline.prepare_dataset(d.name, d.data_dir, d.builtin)
+  builder = datasets.prepare_dataset(d.name, d.data_dir, d.builtin)
   ds = builder.as_dataset(split=d.split, shuffle_files=False,
-                          decoders=pipeline._skip_decoding(d.image_key))  # noqa: SLF001
+                          decoders=datasets.skip_decoding(d.image_key))
   ds = ds.take(records).cache()
   count = sum(1 for _ in ds)   # fills the cache
   if count == 0:
@@ -66,7 +66,7 @@ def mode_dataset(mode: str, records: tf.data.Dataset, config, tokenizer, *, batc
                  cores: int) -> tf.data.Dataset:
   if mode == "decode":
     def decode(example):
-      return image_lib.decode(pipeline.get_numpy_field(example, config.data.image_key))
+      return image_lib.decode(datasets.get_numpy_field(example, config.data.image_key))
     ds = records.repeat().map(decode, num_parallel_calls=cores)
     ds = ds.map(lambda image: tf.shape(image))    # images differ in size: batch their shapes
     ds = ds.batch(batch)
@@ -97,7 +97,7 @@ def time_mode(ds: tf.data.Dataset, batch: int, seconds: float, warmup: int = 3
 def text_costs(records: tf.data.Dataset, config, tokenizer, *, batch: int,
                seconds: float) -> dict:
   """Microseconds per caption, on one core, of tokenization and of EDA (both in Python)."""
-  captions = [pipeline.get_numpy_field(e, config.data.text_key) for e in
+  captions = [datasets.get_numpy_field(e, config.data.text_key) for e in
               records.take(batch).as_numpy_iterator()]
   captions = [(c if isinstance(c, bytes) else c.reshape(-1)[0]).decode("utf-8", "replace")
               for c in captions]
@@ -157,7 +157,7 @@ def main(argv):
   config = config_lib.base_config()
   config.data.update(dict(name=f.dataset, data_dir=f.data_dir, split=f.split,
                           image_key=f.image_key, text_key=f.text_key,
-                          builtin=f.dataset in pipeline.EMBEDDED_DATASETS))
+                          builtin=f.dataset in datasets.EMBEDDED_DATASETS))
   config.model.image.image_size = f.image_size
   config.model.text.context_length = f.context_length
   if f.tokenizer:

@@ -29,6 +29,8 @@ import ftfy
 import numpy as np
 import regex
 
+from xclip_jax.data import text_spec
+
 MAX_MERGES = 49152 - 256 - 2
 # open_clip's names for the two special tokens (OpenAI's: <|startoftext|>, <|endoftext|>).
 START, END = "<start_of_text>", "<end_of_text>"
@@ -77,7 +79,7 @@ def clean(text: str) -> str:
 
 
 class ClipBpeTokenizer:
-  """The same interface as tokenizer.Tokenizer (encode/decode/vocab_size/pad_id/eos_id/mask_id)."""
+  """A text_spec.Tokenizer, as tokenizer.Tokenizer (also vocab_size/pad_id/eos_id/mask_id)."""
 
   kind = "clip_bpe"
 
@@ -109,11 +111,11 @@ class ClipBpeTokenizer:
     return self.sot_id
 
   @property
-  def text_spec(self) -> dict[str, int]:
+  def spec(self) -> text_spec.TextSpec:
     """Token facts for MLM: random replacements come from the merged pieces and bytes, never
     the two special tokens at the top of the vocabulary."""
-    return dict(vocab_size=self.sot_id, pad_id=self.pad_id, eos_id=self.eos_id,
-                mask_id=self.mask_id, first_regular_id=1)
+    return text_spec.TextSpec(vocab_size=self.sot_id, pad_id=self.pad_id, eos_id=self.eos_id,
+                              mask_id=self.mask_id, first_regular_id=1)
 
   def bpe(self, word: str) -> tuple[str, ...]:
     """The pieces of one byte-encoded word: merge the lowest-ranked adjacent pair until none is

@@ -10,7 +10,7 @@
 Then train with --config.data.name=cc3m --config.data.data_dir=/data/tfds
 --config.data.builtin=False --config.data.text_key=caption (docs/data.md walks through it).
 
-Every pair is cleaned (builders/pair_cleaning.py): images become RGB JPEGs (resized to --max_side
+Every pair is cleaned (pairs/pair_cleaning.py): images become RGB JPEGs (resized to --max_side
 if asked), captions non-empty UTF-8; pairs that cannot be used are skipped and counted by reason.
 Shards are converted in parallel worker processes; each finished shard is renamed into place with
 its counts, so an interrupted conversion resumes by skipping finished shards (a half-written
@@ -31,9 +31,9 @@ import re
 import sys
 from typing import Any
 
-from xclip_jax.data.builders import pair_cleaning
-from xclip_jax.data.builders import pair_dataset
-from xclip_jax.data.builders import pair_sources
+from xclip_jax.data.pairs import pair_cleaning
+from xclip_jax.data.pairs import pair_dataset
+from xclip_jax.data.pairs import pair_sources
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 

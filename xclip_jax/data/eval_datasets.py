@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from xclip_jax.data import eval_image
-from xclip_jax.data.pipeline import (_skip_decoding, _tf_data_options, get_field,
+from xclip_jax.data.datasets import (skip_decoding, tf_data_options, get_field,
                                      get_numpy_field, prepare_dataset)
 
 
@@ -87,7 +87,7 @@ def read_texts(name: str, *, split: str, text_key: str, data_dir: str | None = "
                builtin: bool | None = None, image_key: str = "image") -> list[list[str]]:
   """Every caption of every example of `split`, in order (images are not decoded)."""
   builder = prepare_dataset(name, data_dir, builtin)
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding(image_key))
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=skip_decoding(image_key))
   texts = []
   for example in ds.as_numpy_iterator():
     value = get_numpy_field(example, text_key)
@@ -128,8 +128,8 @@ def make_classification_dataset(name: str, *, split: str, host_batch_size: int, 
     table = tf.constant(np.asarray(label_map, np.int32))
 
   ds = builder.as_dataset(split=process_splits[process_index], shuffle_files=False,
-                          decoders=_skip_decoding(image_key),
-                          read_config=tfds.ReadConfig(options=_tf_data_options()))
+                          decoders=skip_decoding(image_key),
+                          read_config=tfds.ReadConfig(options=tf_data_options()))
 
   def preprocess(index, example):
     image = eval_image.eval_transform(get_numpy_field(example, image_key), size=image_size,
@@ -159,7 +159,7 @@ def make_classification_dataset(name: str, *, split: str, host_batch_size: int, 
       "mask": tf.constant(False)}).repeat(rows)
   ds = ds.concatenate(padding).take(rows).batch(host_batch_size, drop_remainder=True)
   ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_data_options())
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(tf_data_options())
 
 
 def skipped_records(name: str, split: str, expected: int, counted: int) -> int:

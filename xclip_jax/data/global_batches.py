@@ -1,5 +1,5 @@
-"""Host batches (numpy dicts, e.g. from pipeline.make_train_dataset) -> global jax.Arrays, placed
-on this process's devices by a background thread a few batches ahead of the train step."""
+"""Host batches (numpy dicts, e.g. from train_pipeline.make_train_dataset) -> global jax.Arrays,
+placed on this process's devices by a background thread a few batches ahead of the train step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Iterable
 
 import jax
 
-# A host batch may carry per-batch data counters under this key (pipeline.py fills it): they
+# A host batch may carry per-batch data counters under this key (train_pipeline.py fills it): they
 # stay on the host and are summed by GlobalBatchIterator.data_counters().
 STATS_KEY = "data_stats"
 

@@ -1,4 +1,4 @@
-"""Image ops for tf.data: decode, header sizes, the eval transform, normalisation.
+"""Image ops for tf.data: decode, header sizes, normalisation (the eval transforms: eval_image.py).
 
 Pure functions of tf.Tensors. The train views' crops (one decode per record) are in
 view_crops.py; their per-pixel augmentation runs on the device (device_augment.py).
@@ -59,7 +59,3 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
   image = tf.cast(image, tf.float32) / 255.0
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
-
-# The evaluation transforms live in eval_image.py; these names keep working from here.
-from xclip_jax.data.eval_image import (  # noqa: E402,F401
-    central_crop, eval_transform, resize_shorter_side)

@@ -10,7 +10,6 @@ Use it with --config.data.name=synthetic (evaluators are skipped: there is nothi
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator
 
 import jax
@@ -19,16 +18,6 @@ import numpy as np
 from xclip_jax.data import views as views_lib
 
 NAME = "synthetic"
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticTokenizer:
-  """The token facts a run needs, without a SentencePiece model (ids as in data/tokenizer.py)."""
-  vocab_size: int
-  pad_id: int = 0
-  unk_id: int = 1
-  eos_id: int = 2
-  mask_id: int = 3
 
 
 def _colour_field(rng: np.random.Generator, size: int) -> np.ndarray:

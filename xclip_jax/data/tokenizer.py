@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer: training from captions, fixed-length encoding, and where the model lives.
+"""SentencePiece tokenizer: training from captions, fixed-length encoding, where the model lives,
+and `resolve_tokenizer`, which picks it or OpenAI's BPE (clip_bpe.py) as the config says. Both are
+data/text_spec.Tokenizer: `tokenizer.spec` is the TextSpec the model and objectives read.
 
 Reserved ids (fixed for every model this module trains; the text tower and objectives rely on them):
   0  <pad>   padding after end-of-text
@@ -26,7 +28,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-PAD_ID, UNK_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
+from xclip_jax.data.text_spec import EOS_ID, MASK_ID, PAD_ID, UNK_ID, TextSpec
+
 MASK_PIECE = "<mask>"
 
 
@@ -90,6 +93,11 @@ class Tokenizer:
 
   pad_id, unk_id, eos_id, mask_id = PAD_ID, UNK_ID, EOS_ID, MASK_ID
 
+  @property
+  def spec(self) -> TextSpec:
+    """The reserved ids above; vocab_size is this model's piece count."""
+    return TextSpec.reserved(self.vocab_size)
+
   def encode(self, texts: Sequence[str], context_length: int, *, return_truncated: bool = False
              ) -> np.ndarray | tuple[np.ndarray, int]:
     """int32 [N, context_length]: pieces, then eos, then 0s; long texts are cut so eos survives.
@@ -124,9 +132,9 @@ def dataset_captions(dataset: str, *, data_dir: str | None = None, split: str = 
                      text_key: str = "captions/text", max_captions: int = 0) -> Iterable[str]:
   """Yields the caption strings of a prepared TFDS dataset (every caption of list-valued fields)."""
   import tensorflow_datasets as tfds   # noqa: PLC0415 (lazy: keep TF off non-data machines)
-  from xclip_jax.data import pipeline  # noqa: PLC0415 (registers embedded builders; TF off GPUs)
+  from xclip_jax.data import datasets  # noqa: PLC0415 (registers embedded builders; TF off GPUs)
 
-  builder = pipeline.prepare_dataset(dataset, data_dir or "")
+  builder = datasets.prepare_dataset(dataset, data_dir or "")
   # Decode only the text feature: images are never read from disk into tensors.
   spec: dict = True  # type: ignore[assignment]
   for part in reversed(text_key.split("/")):
@@ -135,7 +143,7 @@ def dataset_captions(dataset: str, *, data_dir: str | None = None, split: str = 
                           decoders=tfds.decode.PartialDecoding(spec))
   count = 0
   for example in ds.as_numpy_iterator():
-    value = pipeline.get_numpy_field(example, text_key)
+    value = datasets.get_numpy_field(example, text_key)
     for text in np.atleast_1d(value).tolist():
       yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
       count += 1
@@ -169,15 +177,6 @@ def _clip_bpe(config):
         f"file (got {path!r}). bpe_simple_vocab_16e6.txt.gz ships in the open_clip_torch wheel "
         "(open_clip/bpe_simple_vocab_16e6.txt.gz); unzip it from there.")
   return clip_bpe.ClipBpeTokenizer(path)
-
-
-def text_spec(tokenizer) -> dict[str, int]:
-  """The token facts the objectives need (vocab_size, pad_id, eos_id, mask_id, first_regular_id;
-  MLM draws random replacements from [first_regular_id, vocab_size))."""
-  if hasattr(tokenizer, "text_spec"):      # tokenizers whose special ids are not 0..3 (clip_bpe)
-    return dict(tokenizer.text_spec)
-  return dict(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-              mask_id=tokenizer.mask_id, first_regular_id=tokenizer.mask_id + 1)
 
 
 def resolve_tokenizer(config, *, process_index: int | None = None,

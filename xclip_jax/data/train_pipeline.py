@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from xclip_jax.data import eda
 from xclip_jax.data import image as image_lib
-from xclip_jax.data import pipeline
+from xclip_jax.data import datasets
 from xclip_jax.data import view_crops
 from xclip_jax.data import views as views_lib
 from xclip_jax.data.global_batches import STATS_KEY
@@ -69,13 +69,13 @@ def make_train_dataset(config, tokenizer, *, views: views_lib.Views, process_ind
   instead pass a new `seed` and start_step=0 (config.data.exact_resume=False).
   """
   d = config.data
-  builder = pipeline.prepare_dataset(d.name, d.data_dir, d.builtin)
-  seed = pipeline.process_seed(config.seed if seed is None else seed, process_index)
+  builder = datasets.prepare_dataset(d.name, d.data_dir, d.builtin)
+  seed = datasets.process_seed(config.seed if seed is None else seed, process_index)
   split = tfds.even_splits(d.split, n=process_count, drop_remainder=False)[process_index]
-  options = pipeline._tf_data_options()  # noqa: SLF001
+  options = datasets.tf_data_options()
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=options)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config,
-                          decoders=pipeline._skip_decoding(d.image_key))  # noqa: SLF001
+                          decoders=datasets.skip_decoding(d.image_key))
   # Shuffle encoded records (a few KB each), then decode: the buffer stays small.
   ds = ds.repeat().shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   # Every step reads a fixed block of records (batch + spares), dropped ones included, so the
@@ -123,8 +123,8 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
                                                               n_seeds))
     n_eda = len(plan.eda_keys)
     text_seed, eda_seeds, image_seeds = seeds[0], seeds[1:1 + n_eda], seeds[1 + n_eda:]
-    image_bytes = pipeline.get_numpy_field(example, d.image_key)
-    text = pipeline.get_caption(example, d.text_key, text_seed)
+    image_bytes = datasets.get_numpy_field(example, d.image_key)
+    text = datasets.get_caption(example, d.text_key, text_seed)
     status = tf.where(tf.strings.length(tf.strings.strip(text)) == 0, _EMPTY_CAPTION, _OK)
     if d.max_image_pixels:
       too_large = image_lib.encoded_pixels(image_bytes) > d.max_image_pixels
@@ -206,4 +206,4 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
     return out
 
   ds = ds.map(tokenize_batch, num_parallel_calls=parallel)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline._tf_data_options())  # noqa: SLF001
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(datasets.tf_data_options())

@@ -192,9 +192,9 @@ def zeroshot_setup(eval_name: str, eval_cfg, tfds_names: Sequence[str]) -> ZeroS
   if template_name == "auto":
     own = OWN_TEMPLATES.get(base_name(dataset))
     templates = (entry.templates if entry else
-                 templates_lib.get_templates(own) if own else templates_lib.CLIP80)
+                 get_templates(own) if own else templates_lib.CLIP80)
   else:
-    templates = templates_lib.get_templates(template_name)
+    templates = get_templates(template_name)
     if entry is not None and template_name == "demo":
       logging.warning("config.evals.%s.templates='demo' (the demo dataset's prompts) on %s, "
                       "which has curated templates: --config.evals.%s.templates=auto uses "
@@ -206,3 +206,18 @@ def zeroshot_setup(eval_name: str, eval_cfg, tfds_names: Sequence[str]) -> ZeroS
                      f"{entry.split!r}: --config.evals.{eval_name}.split={entry.split} (or "
                      "=auto).")
   return ZeroShotSetup(names, tuple(templates), split, label_map, source)
+
+
+def get_templates(name: str) -> tuple[str, ...]:
+  """A set of templates.py (demo, short, clip80), or a curated benchmark's templates by its label
+  space ('imagenet1k', 'cifar10', ...) or TFDS name ('imagenet2012'). "auto" names a dataset's
+  own set where a dataset is known (zeroshot_setup); alone, it is CLIP80."""
+  if name in templates_lib.TEMPLATE_SETS:
+    return templates_lib.TEMPLATE_SETS[name]
+  if name == "auto":
+    return templates_lib.CLIP80
+  curated = label_space_templates(name)
+  if curated is None:
+    raise ValueError(f"Unknown template set {name!r}; known: {sorted(templates_lib.TEMPLATE_SETS)} "
+                     f"and the curated {label_spaces()}.")
+  return curated

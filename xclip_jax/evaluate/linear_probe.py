@@ -79,7 +79,7 @@ class LinearProbeEvaluator:
 
   def __init__(self, name: str, eval_cfg, config, tokenizer, mesh, graphdef):
     del tokenizer
-    from xclip_jax.data import eval_datasets, pipeline  # TensorFlow only where data is read
+    from xclip_jax.data import datasets, eval_datasets  # TensorFlow only where data is read
     from xclip_jax import methods
     from xclip_jax.parallel import mesh as mesh_lib
 
@@ -88,7 +88,7 @@ class LinearProbeEvaluator:
     self._space = methods.get_method(config.method).probe_space
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = config.data.builtin if eval_cfg.dataset == config.data.name else None
-    builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
+    builder = datasets.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
     self._num_classes = builder.info.features[eval_cfg.label_key].num_classes
     train, val = eval_cfg.train_split, eval_cfg.val_split
     num_train = eval_datasets.split_size(builder, train)

@@ -55,7 +55,7 @@ def restore(config, workdir: str, step: int | None):
 
   mesh = mesh_lib.make_mesh(config.mesh)
   tokenizer = tokenizer_lib.resolve_tokenizer(config)
-  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.eos_id, seed=config.seed)
+  model_fn = lambda: methods.build_model(config, eos_id=tokenizer.spec.eos_id, seed=config.seed)
   graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
   step, restored = checkpoint.restore_model(
       workdir, step, {"params": abstract_params, "model_state": abstract_rest})

@@ -39,7 +39,7 @@ def run_suite(suite: str, config, tokenizer, mesh, graphdef, state: dict[str, An
               data_dir: str | None = None) -> dict[str, Any]:
   """{"suite", "data_dir", "transform", "datasets": {name: metrics}, "not_prepared":
   {name: command}, "mean_top1"} for the model in `state` ({"params", "model_state"})."""
-  from xclip_jax.data import eval_datasets, pipeline  # noqa: PLC0415  (TensorFlow: data)
+  from xclip_jax.data import datasets, eval_datasets  # noqa: PLC0415  (TensorFlow: data)
   from xclip_jax.evaluate import zeroshot  # noqa: PLC0415
 
   if suite not in benchmarks.SUITES:
@@ -50,7 +50,7 @@ def run_suite(suite: str, config, tokenizer, mesh, graphdef, state: dict[str, An
       config), "datasets": {}, "not_prepared": {}}
   for dataset in benchmarks.SUITES[suite]:
     try:
-      pipeline.prepare_dataset(dataset, data_dir, builtin=False)
+      datasets.prepare_dataset(dataset, data_dir, builtin=False)
     except FileNotFoundError:
       out["not_prepared"][dataset] = build_command(dataset, data_dir)
       logging.info("Suite %s: %s is not prepared in %s, skipped.", suite, dataset, data_dir)

@@ -2,7 +2,8 @@
 
 CLIP80 is the ensemble of 80 ImageNet templates from OpenAI CLIP's prompt-engineering notebook;
 SHORT is the 7-template subset that notebook selected; DEMO suits the embedded demo's captions.
-The standard benchmarks' own templates are package data (zeroshot_data/, benchmarks.py).
+The standard benchmarks' own templates are package data (zeroshot_data/); benchmarks.get_templates
+looks any of them up by name.
 """
 
 DEMO = (
@@ -52,18 +53,3 @@ CLIP80 = (
 
 TEMPLATE_SETS = {"demo": DEMO, "short": SHORT, "clip80": CLIP80}
 
-
-def get_templates(name: str) -> tuple[str, ...]:
-  """A set above, or a curated benchmark's templates by its label space ('imagenet1k',
-  'cifar10', ...) or TFDS name ('imagenet2012'): see benchmarks.py. "auto" names a dataset's
-  own set where a dataset is known (benchmarks.zeroshot_setup); alone, it is CLIP80."""
-  if name in TEMPLATE_SETS:
-    return TEMPLATE_SETS[name]
-  if name == "auto":
-    return CLIP80
-  from xclip_jax.evaluate import benchmarks  # noqa: PLC0415  (it imports this module)
-  curated = benchmarks.label_space_templates(name)
-  if curated is None:
-    raise ValueError(f"Unknown template set {name!r}; known: {sorted(TEMPLATE_SETS)} and the "
-                     f"curated {benchmarks.label_spaces()}.")
-  return curated

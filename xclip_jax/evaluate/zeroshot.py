@@ -45,7 +45,7 @@ class ZeroShotEvaluator:
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict, config, tokenizer,
                mesh: jax.sharding.Mesh, graphdef: Any):
-    from xclip_jax.data import eval_datasets, pipeline  # TensorFlow only where data is read
+    from xclip_jax.data import datasets, eval_datasets  # TensorFlow only where data is read
 
     self.name = name
     self._mesh = mesh
@@ -53,7 +53,7 @@ class ZeroShotEvaluator:
     self._spaces = spaces_lib.check_spaces(methods.get_method(config.method).scoring_spaces)
     data_dir = eval_cfg.data_dir or config.data.data_dir or None
     builtin = eval_cfg.dataset == config.data.name and config.data.builtin
-    builder = pipeline.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
+    builder = datasets.prepare_dataset(eval_cfg.dataset, data_dir, builtin)
     # Names, templates, split and label map: config overrides > curated entry > TFDS's labels.
     setup = benchmarks.zeroshot_setup(name, eval_cfg,
                                       builder.info.features[eval_cfg.label_key].names)

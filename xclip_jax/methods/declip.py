@@ -81,9 +81,8 @@ def model(config, *, eos_id: int, rngs: nnx.Rngs) -> DeclipModel:
 def prepare(batch, rng, config, text_spec):
   """Masks the caption for MLM; its unmasked ids become the MLM targets."""
   masked, targets, weights = mlm.mask_tokens(
-      rng, batch["text"], mask_id=text_spec["mask_id"],
-      special_ids=(text_spec["pad_id"], text_spec["eos_id"], text_spec["mask_id"]),
-      first_regular_id=text_spec["first_regular_id"], vocab_size=text_spec["vocab_size"],
+      rng, batch["text"], mask_id=text_spec.mask_id, special_ids=text_spec.special_ids,
+      first_regular_id=text_spec.first_regular_id, vocab_size=text_spec.vocab_size,
       probability=config.declip.mlm_probability)
   return dict(batch, text=masked, mlm_targets=targets, mlm_weights=weights)
 

@@ -1,6 +1,6 @@
-"""Input pipelines: TFDS datasets and feature access. The train pipeline is in train_pipeline.py,
-the evaluation datasets in eval_datasets.py; their names are importable from here too
-(make_train_dataset, host_batches, DROP_REASONS, make_classification_dataset, split_size, ...).
+"""TFDS datasets: preparing them (embedded ones on first use, clear errors for the rest) and
+reading their fields. The train pipeline (train_pipeline.py) and the evaluation datasets
+(eval_datasets.py) read through these.
 
 Every random choice is derived from config.seed folded with the process index, so a run is
 reproducible and processes read disjoint slices with different randomness.
@@ -19,27 +19,10 @@ import tensorflow_datasets as tfds
 
 from tensorflow_datasets.core.dataset_info import DatasetInfoFileError
 
-from xclip_jax.data.global_batches import STATS_KEY, GlobalBatchIterator  # noqa: F401 (re-export)
-
 try:   # TF must never allocate GPU memory that JAX needs; harmless on CPU-only machines.
   tf.config.set_visible_devices([], "GPU")
 except RuntimeError:   # TF's devices were already initialised by someone else: nothing to do.
   pass
-
-# Names served from the train pipeline and the eval datasets, imported on first use (both
-# modules import this one).
-_TRAIN_PIPELINE_NAMES = ("make_train_dataset", "host_batches", "DROP_REASONS", "ViewPlan")
-_EVAL_NAMES = ("make_eval_dataset", "make_classification_dataset", "split_size", "read_texts")
-
-
-def __getattr__(name: str):
-  if name in _TRAIN_PIPELINE_NAMES:
-    from xclip_jax.data import train_pipeline  # noqa: PLC0415
-    return getattr(train_pipeline, name)
-  if name in _EVAL_NAMES:
-    from xclip_jax.data import eval_datasets  # noqa: PLC0415
-    return getattr(eval_datasets, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Names served by our embedded builders (xclip_jax/data/builders): prepared on first use.
@@ -152,14 +135,14 @@ def get_caption(example: dict, path: str, seed: tf.Tensor) -> tf.Tensor:
   return get_field({"caption": value}, "caption", seed)
 
 
-def _skip_decoding(image_key: str) -> dict:
+def skip_decoding(image_key: str) -> dict:
   decoders: Any = tfds.decode.SkipDecoding()
   for part in reversed(image_key.split("/")):
     decoders = {part: decoders}
   return decoders
 
 
-def _tf_data_options() -> tf.data.Options:
+def tf_data_options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True                       # same seed -> same batches
   options.threading.private_threadpool_size = max(8, os.cpu_count() or 1)
