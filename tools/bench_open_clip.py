@@ -3,7 +3,7 @@
 Runs in a separate environment with torch and open_clip_torch (not dependencies of this project):
 
   python -m venv /tmp/ocvenv && /tmp/ocvenv/bin/pip install torch torchvision open_clip_torch
-  /tmp/ocvenv/bin/python xclip_jax/bench_open_clip.py --image_size=224 --patch_size=32 \
+  /tmp/ocvenv/bin/python tools/bench_open_clip.py --image_size=224 --patch_size=32 \
       --batch_size=32 --threads=2 --steps=5 [--device=cuda --dtype=bfloat16] [--json=out.json]
 
 The architecture defaults are CLIP ViT-B/32 with this project's text vocabulary (configs/clip.py
