@@ -107,26 +107,14 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
   step time without augmentation and the overhead). steps=0 compiles one step: "off" or "on"."""
   import jax
   import numpy as np
-  from xclip_jax import config as config_lib
-  from xclip_jax import methods
-  from xclip_jax import optim
-  from xclip_jax import train_state as ts
+  from xclip_jax import assembly
   from xclip_jax.data import device_augment, synthetic
-  from xclip_jax.data import text_spec as text_spec_lib
-  from xclip_jax.parallel import mesh as mesh_lib
 
   if augment not in ("both", "on", "off"):
     raise ValueError(f"augment={augment!r}: use both, on or off.")
-  config_lib.validate(config)
-  method = methods.get_method(config.method)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  model_fn = lambda: methods.build_model(config, eos_id=2, seed=config.seed)
-  graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
-  tx, schedule = optim.make_optimizer(config, params)
-  state = ts.init_train_state(params, model_state, tx, mesh, config.seed,
-                              ts.init_method_state(method, config, mesh, config.seed))
-  text_spec = text_spec_lib.TextSpec.reserved(config.model.text.vocab_size)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+  parts = assembly.build(config)        # synthetic data: SentencePiece's id layout
+  method, mesh, state = parts.method, parts.mesh, parts.state
+  batch_sharding = parts.batch_sharding
   host_batch = synthetic.global_batch(config, 0, method.views)
   image_keys = [view.key for view in method.views.image]
   if augment == "both" and steps > 0:
@@ -141,9 +129,7 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
       batch = dict(host_batch, **{k: np.asarray(device_augment.normalize(
           host_batch[k], config.data.mean, config.data.std)) for k in image_keys})
     batches[name] = jax.device_put(batch, batch_sharding)
-    step = ts.jit_train_step(
-        ts.make_train_step(graphdef, tx, schedule, method, config, text_spec, augment=on),
-        ts.shardings_of(state), batch_sharding, mesh)
+    step = parts.train_step(augment=on)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
       compiled[name] = step.lower(state, batches[name]).compile()

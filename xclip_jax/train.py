@@ -6,6 +6,7 @@ so every method shares this loop, its sharding, its checkpoints and its preempti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -15,22 +16,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from absl import logging
 
+from xclip_jax import assembly
 from xclip_jax import checkpoint as ckpt_lib
-from xclip_jax import config as config_lib
 from xclip_jax import finetune
-from xclip_jax import methods
 from xclip_jax import metrics as metrics_lib
-from xclip_jax import optim
+from xclip_jax import nonfinite as nonfinite_lib
 from xclip_jax import resume
 from xclip_jax import train_state as ts
-from xclip_jax.data import datasets
 from xclip_jax.data import global_batches
-from xclip_jax.data import synthetic
-from xclip_jax.data import text_spec as text_spec_lib
-from xclip_jax.data import tokenizer as tokenizer_lib
-from xclip_jax.data import train_pipeline
+from xclip_jax.data import sources
 from xclip_jax.evaluate import runner as eval_runner
-from xclip_jax.parallel import mesh as mesh_lib
 from xclip_jax.parallel import multihost
 
 
@@ -86,41 +81,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.PreemptionWatch,
          resume_with_changes: bool) -> dict[str, float]:
+  with contextlib.ExitStack() as resources:     # closed in reverse order, whatever happens
+    return _train(config, workdir, preemption, resume_with_changes, resources)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.PreemptionWatch,
+           resume_with_changes: bool, resources: contextlib.ExitStack) -> dict[str, float]:
 
   # ------------------------------------------------------------------------------------------------
   #  Check everything that can fail cheaply before compiling anything
   # ------------------------------------------------------------------------------------------------
-  config_lib.validate(config)
-  method = methods.get_method(config.method)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  host_batch = mesh_lib.batch_size_per_process(config.batch_size, mesh)
-  if config.accum_steps > 1:   # each micro-batch must split over the batch axes too
-    mesh_lib.batch_size_per_process(config.batch_size // config.accum_steps, mesh)
+  method, mesh, host_batch = assembly.build_mesh(config)
   finetune.check_not_source(workdir, config.init_from)
-  is_synthetic = config.data.name == synthetic.NAME
-  if is_synthetic:     # token ids as SentencePiece reserves them; nothing to encode
-    tokenizer, text_spec = None, text_spec_lib.TextSpec.reserved(config.model.text.vocab_size)
-  else:
-    datasets.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
-    tokenizer = tokenizer_lib.resolve_tokenizer(config)
-    text_spec = tokenizer.spec
-  if text_spec.vocab_size > config.model.text.vocab_size:
-    raise ValueError(f"The tokenizer has {text_spec.vocab_size} ids but config.model.text.vocab_size"
-                     f"={config.model.text.vocab_size}; raise the latter.")
+  source = sources.make_source(config)
+  assembly.check_text_spec(config, source.text_spec)
   _check_writable(workdir)
   finetune.check_not_imported(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
                                        keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
+  resources.callback(checkpointer.close)   # last to close: waits for a save in flight
   start_step = checkpointer.latest_step() or 0
   counters_base = {}
   if start_step:     # a workdir holds one run: refuse a config that defines another
-    try:
-      changed = resume.check(checkpointer.restore_config(start_step), config, step=start_step,
-                             workdir=workdir, allow_changes=resume_with_changes)
-    except resume.ConfigMismatchError:
-      checkpointer.close()
-      raise
+    changed = resume.check(checkpointer.restore_config(start_step), config, step=start_step,
+                           workdir=workdir, allow_changes=resume_with_changes)
     if changed and jax.process_index() == 0:
       resume.record(workdir, start_step, changed)
     counters_base = checkpointer.restore_counters(start_step)
@@ -130,111 +115,66 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   # ------------------------------------------------------------------------------------------------
   #  Model and optimizer state, created directly in their shardings
   # ------------------------------------------------------------------------------------------------
-  model_fn = lambda: methods.build_model(config, eos_id=text_spec.eos_id, seed=config.seed)
-  graphdef, params, model_state = mesh_lib.create_sharded(model_fn, mesh)
-  tx, schedule = optim.make_optimizer(config, params)
-  method_state = ts.init_method_state(method, config, mesh, config.seed)
-  state = ts.init_train_state(params, model_state, tx, mesh, config.seed, method_state)
-  state_shardings = ts.shardings_of(state)
-  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  logging.info("Model: %s, %.2fM parameters.", config.method, n_params / 1e6)
-
+  parts = assembly.build(config, source.text_spec, mesh=mesh)
+  logging.info("Model: %s, %.2fM parameters.", config.method, parts.num_params / 1e6)
   if start_step:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
-    state = checkpointer.restore(start_step, ts.abstract_of(state))
+    parts.state = checkpointer.restore(start_step, ts.abstract_of(parts.state))
   elif config.init_from:
     # Fine-tuning: only the parameters come from elsewhere; optimizer, step and rng start afresh.
-    params = finetune.init_params(config.init_from, state["params"])
-    state = ts.init_train_state(params, model_state, tx, mesh, config.seed, method_state)
+    parts.with_params(finetune.init_params(config.init_from, parts.state["params"]))
   if start_step >= config.total_steps:
     logging.info("The checkpoint at step %d already reaches config.total_steps=%d: nothing to do.",
                  start_step, config.total_steps)
-    checkpointer.close()
     return {}
 
   # ------------------------------------------------------------------------------------------------
   #  Input pipeline: this process's slice -> host batches -> global arrays
   # ------------------------------------------------------------------------------------------------
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  if is_synthetic:
-    dataset = synthetic.host_batches(config, batch_sharding, start_step=start_step,
-                                     views=method.views)
+  batches = global_batches.GlobalBatchIterator(
+      source.host_batches(method.views, parts.batch_sharding, host_batch=host_batch,
+                          start_step=start_step),
+      parts.batch_sharding, prefetch=config.data.prefetch)
+  resources.callback(batches.close)
+  if source.evaluates:
+    evaluators = eval_runner.build_evaluators(config, source.tokenizer, mesh, parts.graphdef)
   else:
-    dataset = train_pipeline.make_train_dataset(
-        config, tokenizer, views=method.views, process_index=jax.process_index(),
-        process_count=jax.process_count(), host_batch_size=host_batch,
-        **(dict(start_step=start_step) if config.data.exact_resume
-           else dict(seed=config.seed + start_step)))
-  batches = global_batches.GlobalBatchIterator(dataset, batch_sharding,
-                                               prefetch=config.data.prefetch)
-
-  if is_synthetic:
     logging.info("Synthetic data: in-loop evaluation is skipped.")
     evaluators = []
-  else:
-    evaluators = eval_runner.build_evaluators(config, tokenizer, mesh, graphdef)
   logger = metrics_lib.MetricLogger(workdir, total_steps=config.total_steps,
                                     global_batch=config.batch_size)
+  resources.callback(logger.close)
 
   # ------------------------------------------------------------------------------------------------
   #  Compile the step ahead of time (reports compile time; dry_run stops here)
   # ------------------------------------------------------------------------------------------------
-  train_step = ts.jit_train_step(
-      ts.make_train_step(graphdef, tx, schedule, method, config, text_spec),
-      state_shardings, batch_sharding, mesh)
   batch = next(batches)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled_step = train_step.lower(state, batch).compile()
+    compiled_step = parts.train_step().lower(parts.state, batch).compile()
   compile_seconds = time.perf_counter() - t0
   logging.info("Train step compiled in %.1f s.", compile_seconds)
   if config.dry_run:
-    batches.close()
-    checkpointer.close()
     return {"compile_seconds": compile_seconds}
 
   # ------------------------------------------------------------------------------------------------
   #  The loop
   # ------------------------------------------------------------------------------------------------
-  last = {}
-  step = start_step
-  skipped_total, skipped_streak = 0, 0
-  unread = []          # (step, metrics) whose skip flag the host has not read yet
+  state, last, step = parts.state, {}, start_step
+  nonfinite = nonfinite_lib.NonFiniteSteps(
+      config.optim.max_nonfinite_steps,
+      describe_checkpoints=lambda: (f", and the checkpoints under {workdir} are intact (latest: "
+                                    f"{checkpointer.latest_step()})"))
   logger.start(step)
   while step < config.total_steps:
     state, metrics = compiled_step(state, batch)
     step += 1
     is_last = step == config.total_steps
-
-    # Non-finite steps were skipped inside the step; count them here. The flag read is the
-    # previous step's (already finished while this one is queued), so the host never stalls the
-    # device pipeline; the last step's flag is read at once.
-    unread.append((step, metrics))
-    while len(unread) > (0 if is_last else 1):
-      flagged_step, flagged = unread.pop(0)
-      if int(flagged["skipped"]):
-        skipped_total += 1
-        skipped_streak += 1
-        logging.warning("Step %d: non-finite loss or gradients; update skipped (%d in a row).",
-                        flagged_step, skipped_streak)
-      else:
-        skipped_streak = 0
-      limit = config.optim.max_nonfinite_steps
-      if limit and skipped_streak >= limit:
-        checkpointer.close()
-        batches.close()
-        logger.close()
-        raise FloatingPointError(
-            f"{skipped_streak} consecutive steps (up to step {flagged_step}) had a non-finite "
-            f"loss or gradients; their updates were skipped, so the parameters are those of "
-            f"step {flagged_step - skipped_streak}, and the checkpoints under {workdir} are "
-            f"intact (latest: {checkpointer.latest_step()}). Lower config.optim.lr, lengthen "
-            f"warmup, try float32, or check the data; config.optim.max_nonfinite_steps={limit} "
-            "sets this limit.")
+    nonfinite.observe(step, metrics, is_last=is_last)   # non-finite steps were skipped in the step
 
     if step % config.log_every == 0 or is_last or step == start_step + 1:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      last["skipped_total"] = float(skipped_total)
+      last["skipped_total"] = float(nonfinite.total)
       last.update(_data_counters(batches, counters_base))
       last.update(logger.timing(step))
       if step == start_step + 1:
@@ -256,16 +196,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
       checkpointer.save(step, state, config, counters=_counter_totals(batches, counters_base),
                         force=True, preempted=preempted)
     if preempted:
-      batches.close()
-      checkpointer.close()          # waits until the checkpoint is complete in every process
-      logger.close()
+      resources.close()             # the checkpointer waits until the save is complete everywhere
       logging.warning("Saved step %d after a preemption notice; the same command resumes it.",
                       step)
       raise multihost.Preempted(step, workdir)
     if not is_last:
       batch = next(batches)
-
-  batches.close()
-  checkpointer.close()
-  logger.close()
   return last
