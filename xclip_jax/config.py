@@ -70,6 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr = 5e-4
   c.optim.min_lr = 0.0
   c.optim.warmup_steps = 2000
+  # After the linear warmup: cosine (to min_lr at total_steps) | constant | constant_cooldown |
+  # rsqrt (big_vision's lr / sqrt(1 + (t - warmup_steps) / rsqrt_timescale)). constant_cooldown
+  # and rsqrt end with a linear cooldown to min_lr over the last cooldown_steps steps (or
+  # cooldown_fraction of total_steps; rsqrt's is optional). Formulas: optim.py.
+  c.optim.schedule = "cosine"
+  c.optim.cooldown_steps = 0
+  c.optim.cooldown_fraction = 0.0
+  c.optim.rsqrt_timescale = 10_000
   c.optim.b1 = 0.9
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
@@ -231,6 +239,7 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax.objectives import registry  # local: keeps config import light
+  from xclip_jax import optim
 
   if c.method not in registry.METHODS:
     raise ValueError(f"config.method={c.method!r} is not one of {sorted(registry.METHODS)}.")
@@ -257,6 +266,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.optim.warmup_steps >= c.total_steps:
     raise ValueError(f"config.optim.warmup_steps={c.optim.warmup_steps} must be below "
                      f"config.total_steps={c.total_steps}.")
+  optim.check_schedule(c.optim, c.total_steps)
 
 
 def merge_saved(schema: ml_collections.ConfigDict, saved: dict) -> None:
