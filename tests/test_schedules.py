@@ -120,3 +120,12 @@ def test_invalid_schedules_are_config_errors(overrides, message):
   config.optim.update(dict(warmup_steps=20, **overrides))
   with pytest.raises(ValueError, match=message):
     config_lib.validate(config)
+
+
+def test_cli_schedule_flags_reach_validation(tmp_path):
+  from tests.test_config import _main
+  out = _main("--config=configs/clip.py:demo", f"--workdir={tmp_path}",
+              "--config.optim.schedule=rsqrt", "--config.optim.cooldown_steps=100000")
+  assert out.returncode != 0
+  assert "cooldown 100000 steps exceed config.total_steps=600" in out.stderr
+  assert "compiled" not in out.stderr and not (tmp_path / "checkpoints").exists()

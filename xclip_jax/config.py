@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text = ml_collections.ConfigDict(
       dict(context_length=77, width=512, layers=12, heads=8, mlp_ratio=4.0, vocab_size=32_000,
            causal=True))
+  # FLIP (Li et al. 2023): the fraction of patch tokens each training image drops at random (never
+  # the class token; evaluation keeps all), so the image tower runs on fewer tokens. models/vit.py.
+  c.model.image.patch_dropout = 0.0
 
   # ---- contrastive loss implementation ----------------------------------------------------------
   # global: clip_loss over global arrays (XLA partitions it); chunked: explicit shard_map with
@@ -240,6 +243,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax.objectives import registry  # local: keeps config import light
   from xclip_jax import optim
+  from xclip_jax.models import vit
 
   if c.method not in registry.METHODS:
     raise ValueError(f"config.method={c.method!r} is not one of {sorted(registry.METHODS)}.")
@@ -267,6 +271,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optim.warmup_steps={c.optim.warmup_steps} must be below "
                      f"config.total_steps={c.total_steps}.")
   optim.check_schedule(c.optim, c.total_steps)
+  vit.num_kept_patches((c.model.image.image_size // c.model.image.patch_size)**2,
+                       c.model.image.patch_dropout)
 
 
 def merge_saved(schema: ml_collections.ConfigDict, saved: dict) -> None:

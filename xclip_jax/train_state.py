@@ -22,6 +22,7 @@ from flax import nnx
 
 from xclip_jax import accumulate
 from xclip_jax.objectives import registry
+from xclip_jax.models import vit as vit_lib
 from xclip_jax.parallel import mesh as mesh_lib
 
 TrainState = dict[str, Any]
@@ -91,6 +92,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, prepare_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     batch = method.prepare(batch, prepare_rng, config, text_spec)
+    batch = vit_lib.add_patch_keys(batch, config, state["step"])   # FLIP keys; none when off
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["model_state"])
