@@ -78,10 +78,13 @@ def _tower_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> floa
 
 
 def analytic_flops(config, image_views: int, text_views: int) -> float:
-  """Training FLOPs per step of the two towers (3 x forward), heads and loss ignored."""
+  """Training FLOPs per step of the two towers (3 x forward), heads and loss ignored. With patch
+  dropout the blocks count the kept tokens; the patch embedding runs on every patch."""
+  from xclip_jax.models import vit
   im, tx = config.model.image, config.model.text
   patches = (im.image_size // im.patch_size) ** 2
-  image = _tower_flops(patches + 1, im.width, im.layers, im.mlp_ratio)
+  kept = vit.num_kept_patches(patches, im.get("patch_dropout", 0.0))
+  image = _tower_flops(kept + 1, im.width, im.layers, im.mlp_ratio)
   image += 2 * patches * im.patch_size**2 * 3 * im.width + 2 * im.width * config.model.embed_dim
   text = _tower_flops(tx.context_length, tx.width, tx.layers, tx.mlp_ratio)
   text += 2 * tx.width * config.model.embed_dim
