@@ -25,7 +25,6 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The benchmark's own --config, --steps and --json flags (its module defines them).
 from xclip_jax import bench  # noqa: E402
 
 _RATES = flags.DEFINE_list("rates", ["0", "0.5", "0.75"], "Patch-dropout rates to compare.")
@@ -98,14 +97,16 @@ def run(config, rates: list[float], steps: int) -> dict:
 
 def main(argv):
   del argv
-  result = run(bench._CONFIG.value, [float(r) for r in _RATES.value], bench._STEPS.value)
+  f = flags.FLAGS
+  result = run(f.config, [float(r) for r in _RATES.value], f.steps)
   text = json.dumps(result, indent=2)
   print(text)
-  if bench._JSON.value:
-    with open(bench._JSON.value, "w") as f:
-      f.write(text + "\n")
+  if f.json:
+    with open(f.json, "w") as out:
+      out.write(text + "\n")
 
 
 if __name__ == "__main__":
+  bench._define_flags()  # noqa: SLF001  (the benchmark's own --config, --steps, --json, --augment)
   flags.mark_flags_as_required(["config"])
   app.run(main)
