@@ -295,8 +295,13 @@ def test_convert_evaluate_finetune_export(torch_reference, merges_path, demo_dir
       "total_steps": 2, "batch_size": 16, "optim.warmup_steps": 1, "optim.lr": 1e-4,
       "log_every": 1, "evals.zeroshot.enabled": False, "evals.retrieval.enabled": False,
       "checkpoint.every": 2, "data.shuffle_buffer": 64})
-  with pytest.raises(ValueError, match="holds an imported model"):
+  # Neither fine-tuning into the imported workdir nor resuming it as a run is allowed.
+  with pytest.raises(ValueError, match="starts from: fine-tuning would resume or overwrite it"):
     train.run(config, imported)
+  as_run = config.copy_and_resolve_references()
+  as_run.init_from = ""
+  with pytest.raises(ValueError, match="holds an imported model"):
+    train.run(as_run, imported)
   metrics = train.run(config, tuned)
   assert np.isfinite(metrics["loss"])
   tuned_params = checkpoint.load_params(tuned)

@@ -51,8 +51,10 @@ def checkpoint_steps(workdir):
 def test_train_checkpoints_and_resumes(demo_dir, tmp_path, caplog):
   workdir = str(tmp_path / "run")
   metrics = train.run(tiny_config(demo_dir), workdir)
-  # 4 tiny steps leave the symmetric InfoNCE near its chance value log(batch 16) = 2.77.
-  assert abs(metrics["loss"] - np.log(16)) < 0.5
+  # At init (logit scale 1/0.07, random 16-d embeddings) the symmetric InfoNCE over a batch of 16
+  # is ~4.1-4.4, above its tied-logits value log 16 = 2.77; 4 tiny steps bring it to ~3.2-3.5.
+  # A wrong temperature or a one-sided loss leaves this band (e.g. scale 1 gives ~log 16).
+  assert 2.9 < metrics["loss"] < 4.0
   # Percent of exactly the 64 examples evaluated at the last step (padding never counted).
   assert metrics["zeroshot/examples"] == 64
   hits = metrics["zeroshot/top1"] * 64 / 100

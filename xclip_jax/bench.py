@@ -29,13 +29,16 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step; 0: compile only.")
-_JSON = flags.DEFINE_string("json", "", "Also write the results here.")
-_AUGMENT = flags.DEFINE_enum("augment", "both", ["both", "on", "off"],
-                             "Device-side augmentation in the timed step: on, off, or both "
-                             "(time each, alternating, and report the overhead).")
+
+def _define_flags() -> None:
+  """The CLI's flags, defined only when this module runs as a program: importing it (tests,
+  notebooks) next to another entry point that defines --config must not collide."""
+  config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
+  flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step; 0: compile only.")
+  flags.DEFINE_string("json", "", "Also write the results here.")
+  flags.DEFINE_enum("augment", "both", ["both", "on", "off"],
+                    "Device-side augmentation in the timed step: on, off, or both "
+                    "(time each, alternating, and report the overhead).")
 
 # Peak dense TFLOP/s per device (vendor figures, without sparsity).
 PEAK_TFLOPS = {
@@ -78,10 +81,13 @@ def _tower_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> floa
 
 
 def analytic_flops(config, image_views: int, text_views: int) -> float:
-  """Training FLOPs per step of the two towers (3 x forward), heads and loss ignored."""
+  """Training FLOPs per step of the two towers (3 x forward), heads and loss ignored. With patch
+  dropout the blocks count the kept tokens; the patch embedding runs on every patch."""
+  from xclip_jax.models import vit
   im, tx = config.model.image, config.model.text
   patches = (im.image_size // im.patch_size) ** 2
-  image = _tower_flops(patches + 1, im.width, im.layers, im.mlp_ratio)
+  kept = vit.num_kept_patches(patches, im.get("patch_dropout", 0.0))
+  image = _tower_flops(kept + 1, im.width, im.layers, im.mlp_ratio)
   image += 2 * patches * im.patch_size**2 * 3 * im.width + 2 * im.width * config.model.embed_dim
   text = _tower_flops(tx.context_length, tx.width, tx.layers, tx.mlp_ratio)
   text += 2 * tx.width * config.model.embed_dim
@@ -213,14 +219,14 @@ def run_benchmark(config, steps: int, augment: str = "both") -> dict:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  result = run_benchmark(config, _STEPS.value, _AUGMENT.value)
+  f = flags.FLAGS
+  result = run_benchmark(f.config, f.steps, f.augment)
   text = json.dumps(result, indent=2)
   print(text)
-  if _JSON.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-    with open(_JSON.value, "w") as f:
-      f.write(text + "\n")
+  if f.json:
+    os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
+    with open(f.json, "w") as out:
+      out.write(text + "\n")
   if "mfu" in result:
     logging.info("%s: %.3f s/step, %.1f img/s, MFU %.1f%%", result["config"],
                  result["step_time_median"], result["images_per_sec"], 100 * result["mfu"])
@@ -233,5 +239,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text = ml_collections.ConfigDict(
       dict(context_length=77, width=512, layers=12, heads=8, mlp_ratio=4.0, vocab_size=32_000,
            causal=True))
+  # FLIP (Li et al. 2023): the fraction of patch tokens each training image drops at random (never
+  # the class token; evaluation keeps all), so the image tower runs on fewer tokens. models/vit.py.
+  c.model.image.patch_dropout = 0.0
 
   # ---- contrastive loss implementation ----------------------------------------------------------
   # global: clip_loss over global arrays (XLA partitions it); chunked: explicit shard_map with
@@ -76,6 +79,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr = 5e-4
   c.optim.min_lr = 0.0
   c.optim.warmup_steps = 2000
+  # After the linear warmup: cosine (to min_lr at total_steps) | constant | constant_cooldown |
+  # rsqrt (big_vision's lr / sqrt(1 + (t - warmup_steps) / rsqrt_timescale)). constant_cooldown
+  # and rsqrt end with a linear cooldown to min_lr over the last cooldown_steps steps (or
+  # cooldown_fraction of total_steps; rsqrt's is optional). Formulas: optim.py.
+  c.optim.schedule = "cosine"
+  c.optim.cooldown_steps = 0
+  c.optim.cooldown_fraction = 0.0
+  c.optim.rsqrt_timescale = 10_000
   c.optim.b1 = 0.9
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
@@ -216,6 +227,8 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax import methods  # local: keeps config import light
+  from xclip_jax import optim
+  from xclip_jax.models import vit
 
   if c.method not in methods.names():
     raise ValueError(f"config.method={c.method!r} is not one of {list(methods.names())}.")
@@ -247,6 +260,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.optim.warmup_steps >= c.total_steps:
     raise ValueError(f"config.optim.warmup_steps={c.optim.warmup_steps} must be below "
                      f"config.total_steps={c.total_steps}.")
+  optim.check_schedule(c.optim, c.total_steps)
+  vit.num_kept_patches((c.model.image.image_size // c.model.image.patch_size)**2,
+                       c.model.image.patch_dropout)
 
 
 def merge_saved(schema: ml_collections.ConfigDict, saved: dict) -> None:

@@ -28,10 +28,78 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `optim.lr`, then cosine decay to `optim.min_lr` at `total_steps`."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
-      decay_steps=total_steps, end_value=optim.min_lr)
+  """`optim.schedule`'s learning rate at each step, after a linear warmup from 0 to `optim.lr`.
+
+  cosine             cosine decay to `optim.min_lr` at `total_steps` (optax's warmup_cosine_decay)
+  constant           `optim.lr` after the warmup
+  constant_cooldown  constant, then a linear cooldown to `min_lr` over the last cooldown steps
+  rsqrt              big_vision's reciprocal square root, lr / sqrt(1 + (t - warmup) / timescale),
+                     with an optional linear cooldown (Zhai et al. 2022, "Scaling ViT")
+
+  A cooldown is big_vision's: it multiplies the schedule's own value by a factor going linearly
+  from 1 at `total_steps - cooldown` to 0 at `total_steps` (with min_lr: min_lr + (lr(t) - min_lr)
+  x factor), so rsqrt keeps decaying under it. The cooldown length is `optim.cooldown_steps`, or
+  `optim.cooldown_fraction` of `total_steps`.
+  """
+  cooldown = check_schedule(optim, total_steps)
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
+        decay_steps=total_steps, end_value=optim.min_lr)
+  if optim.schedule == "rsqrt":
+    timescale = float(optim.rsqrt_timescale)
+    after_warmup = lambda t: optim.lr * jax.lax.rsqrt(1.0 + t / timescale)
+  else:
+    after_warmup = optax.constant_schedule(optim.lr)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.lr, optim.warmup_steps), after_warmup],
+      [optim.warmup_steps])
+  if not cooldown:
+    return schedule
+  factor = optax.linear_schedule(1.0, 0.0, transition_steps=cooldown,
+                                 transition_begin=total_steps - cooldown)
+  end = optim.min_lr
+  return lambda t: end + (schedule(t) - end) * factor(t)
+
+
+SCHEDULES = ("cosine", "constant", "constant_cooldown", "rsqrt")
+
+
+def cooldown_steps(optim: ml_collections.ConfigDict, total_steps: int) -> int:
+  """The cooldown length: `optim.cooldown_steps`, or round(cooldown_fraction x total_steps)."""
+  if optim.cooldown_steps:
+    return int(optim.cooldown_steps)
+  return int(round(float(optim.cooldown_fraction) * total_steps))
+
+
+def check_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> int:
+  """Raises a ValueError saying what to change for an invalid schedule; returns the cooldown."""
+  name = optim.schedule
+  if name not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={name!r}: use one of {', '.join(SCHEDULES)}.")
+  if optim.cooldown_steps < 0 or not 0.0 <= optim.cooldown_fraction < 1.0:
+    raise ValueError("config.optim.cooldown_steps must be >= 0 and config.optim.cooldown_fraction "
+                     f"in [0, 1); got {optim.cooldown_steps} and {optim.cooldown_fraction}.")
+  if optim.cooldown_steps and optim.cooldown_fraction:
+    raise ValueError("Set config.optim.cooldown_steps or config.optim.cooldown_fraction, not both.")
+  cooldown = cooldown_steps(optim, total_steps)
+  if cooldown and name in ("cosine", "constant"):
+    raise ValueError(f"config.optim.schedule={name} has no cooldown (cooldown_steps / "
+                     "cooldown_fraction are set): use constant_cooldown or rsqrt.")
+  if name == "constant_cooldown" and not cooldown:
+    raise ValueError("config.optim.schedule=constant_cooldown needs config.optim.cooldown_steps "
+                     "> 0 or config.optim.cooldown_fraction > 0.")
+  if optim.warmup_steps + cooldown > total_steps:
+    raise ValueError(f"config.optim.warmup_steps={optim.warmup_steps} + cooldown {cooldown} "
+                     f"steps exceed config.total_steps={total_steps}: the cooldown would start "
+                     "before the warmup ends. Shorten either.")
+  if name == "rsqrt" and optim.rsqrt_timescale <= 0:
+    raise ValueError(f"config.optim.rsqrt_timescale={optim.rsqrt_timescale} must be positive.")
+  if optim.min_lr and name != "cosine" and not cooldown:
+    raise ValueError(f"config.optim.min_lr={optim.min_lr} is the value a cosine or a cooldown "
+                     f"ends at; schedule={name} without a cooldown never reaches it. Set "
+                     "min_lr=0 or add a cooldown (cooldown_steps / cooldown_fraction).")
+  return cooldown
 
 
 def _path_names(path) -> tuple[str, ...]:

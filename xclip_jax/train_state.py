@@ -25,6 +25,7 @@ from xclip_jax import accumulate
 from xclip_jax import methods
 from xclip_jax.data import device_augment
 from xclip_jax.data import text_spec as text_spec_lib
+from xclip_jax.models import vit as vit_lib
 from xclip_jax.parallel import mesh as mesh_lib
 
 TrainState = dict[str, Any]
@@ -105,6 +106,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
       batch = augment_batch(batch, state["step"])
     rng, prepare_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     batch = method.prepare(batch, prepare_rng, config, text_spec)
+    batch = vit_lib.add_patch_keys(batch, config, state["step"])   # FLIP keys; none when off
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["model_state"])

@@ -60,7 +60,8 @@ class DeclipModel(TwoTower):
     """
     if "image2" not in batch:
       return super().__call__(batch, train=train)
-    image = self.image(interleave(batch["image"], batch["image2"]))
+    image = self.image(interleave(batch["image"], batch["image2"]),
+                       patch_keys=self.image.patch_keys(batch, train=train, views=(0, 1)))
     text = self.text(interleave(batch["text"], batch["text_aug"]))
     f1, f2 = split_views(image["embed"])
     t, t_aug = split_views(text["embed"])

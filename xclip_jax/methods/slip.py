@@ -41,7 +41,8 @@ class SlipModel(TwoTower):
     out = super().__call__(batch, train=train)
     if "image2" in batch:
       pooled1, pooled2 = split_views(
-          self.image(interleave(batch["image2"], batch["image3"]))["pooled"])
+          self.image(interleave(batch["image2"], batch["image3"]),
+                     patch_keys=self.image.patch_keys(batch, train=train, views=(1, 2)))["pooled"])
       # One head call per view, as SLIP's forward: BatchNorm statistics per view.
       out["ssl_z1"] = self.ssl_head(pooled1, train=train)
       out["ssl_z2"] = self.ssl_head(pooled2, train=train)

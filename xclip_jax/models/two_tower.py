@@ -105,10 +105,10 @@ class TwoTower(nnx.Module):
                ) -> dict[str, jax.Array]:
     """Both towers on batch["image"] / batch["text"].
 
-    `train` is unused by the towers (no dropout); heads that behave differently in eval read it.
+    `train` turns on the image tower's patch dropout (config.model.image.patch_dropout; keys in
+    batch[vit.PATCH_KEYS]); heads that behave differently in eval read it too.
     """
-    del train
-    image = self.image(batch["image"])
+    image = self.image(batch["image"], patch_keys=self.image.patch_keys(batch, train=train))
     text = self.text(batch["text"])
     return dict(image_emb=l2_normalize(image["embed"]), text_emb=l2_normalize(text["embed"]),
                 logit_scale=self.scale(), image_pooled=image["pooled"],
