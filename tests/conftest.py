@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices so that every test exercises sharding; TensorFlow kept off GPUs."""
 
+import fcntl
+import functools
 import os
 import sys
 
@@ -24,11 +26,27 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-  """A TFDS data_dir holding the embedded demo dataset, built once per test session (~20 s).
+  """A TFDS data_dir holding the embedded demo dataset, built once per test run (~20 s): under
+  pytest-xdist the workers share one, built by whichever asks first (the others wait on a lock).
 
   Set XCLIP_TEST_DATA_DIR=<data_dir> to reuse a prepared one (e.g. the demo run's).
   """
   from xclip_jax.data import datasets
-  data_dir = os.environ.get("XCLIP_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-  datasets.prepare_dataset("xclip_demo", data_dir, builtin=True)
-  return data_dir
+  if os.environ.get("XCLIP_TEST_DATA_DIR"):
+    data_dir = os.environ["XCLIP_TEST_DATA_DIR"]
+    datasets.prepare_dataset("xclip_demo", data_dir, builtin=True)
+    return data_dir
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):    # each worker's basetemp is under the run's
+    root = root.parent
+  with open(root / "tfds_demo.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    datasets.prepare_dataset("xclip_demo", str(root / "tfds_demo"), builtin=True)
+  return str(root / "tfds_demo")
+
+
+@pytest.fixture
+def tiny_config(demo_dir):
+  """tests/tiny.py's tiny_config bound to the demo data: tiny_config(**overrides)."""
+  from tests import tiny
+  return functools.partial(tiny.tiny_config, demo_dir)

@@ -7,7 +7,7 @@ import pytest
 from xclip_jax import accumulate
 from xclip_jax.parallel import mesh as mesh_lib
 
-from tests.test_train import _tiny_state, tiny_config
+from tests.tiny import tiny_config, tiny_state
 
 
 def test_micro_batches_are_strided_rows_and_round_trip():
@@ -27,7 +27,7 @@ def test_accumulated_step_equals_the_full_batch_step():
   for steps in (1, 4):
     config = tiny_config("", **{"model.image.patch_size": 8, "accum_steps": steps,
                                 "batch_size": 32, "optim.eps": 1e-3})
-    state, step = _tiny_state(mesh, config)
+    state, step = tiny_state(mesh, config)
     with jax.set_mesh(mesh):
       for _ in range(2):
         state, m = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))

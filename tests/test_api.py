@@ -26,7 +26,7 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "inspect_checkpoint.ipynb")
 @pytest.fixture(scope="module")
 def trained(demo_dir, tmp_path_factory):
   """(workdir, in-loop metrics) of a 2-step tiny run with a checkpoint at step 2."""
-  from tests.test_train import tiny_config
+  from tests.tiny import tiny_config
   workdir = str(tmp_path_factory.mktemp("api") / "run")
   metrics = train.run(tiny_config(demo_dir, total_steps=2, **{"checkpoint.every": 2}), workdir)
   return workdir, metrics

@@ -64,7 +64,7 @@ def test_chunked_loss_needs_far_less_memory_at_a_32k_batch():
 
 
 def test_train_step_with_the_chunked_loss_equals_the_global_one():
-  from tests.test_train import _tiny_state, tiny_config
+  from tests.tiny import tiny_config, tiny_state
   rng = np.random.RandomState(0)
   text = rng.randint(4, 200, size=(16, 32)).astype(np.int32)
   text[:, 9], text[:, 10:] = 2, 0
@@ -74,7 +74,7 @@ def test_train_step_with_the_chunked_loss_equals_the_global_one():
   for impl in ("global", "chunked"):
     config = tiny_config("", **{"model.image.patch_size": 8, "contrastive.impl": impl,
                                 "contrastive.chunk": 4})
-    state, step = _tiny_state(mesh, config)
+    state, step = tiny_state(mesh, config)
     with jax.set_mesh(mesh):
       state, m = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
     losses[impl] = (float(m["loss"]), float(m["grad_norm"]))

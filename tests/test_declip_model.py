@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from xclip_jax import checkpoint, optim
 from xclip_jax import train_state as ts

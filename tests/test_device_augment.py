@@ -379,7 +379,7 @@ def test_train_step_augments_uint8_views_from_its_step_counter():
 @pytest.mark.slow
 def test_accumulation_sees_the_augmented_batch():
   # Augmenting after the split into micro-batches would give rows other keys: different losses.
-  from tests.test_train import _tiny_state, tiny_config
+  from tests.tiny import tiny_config, tiny_state
   rng = np.random.RandomState(0)
   text = rng.randint(4, 200, size=(32, 32)).astype(np.int32)
   text[:, 9], text[:, 10:] = 2, 0
@@ -389,7 +389,7 @@ def test_accumulation_sees_the_augmented_batch():
   for steps in (1, 4):
     config = tiny_config("", **{"model.image.patch_size": 8, "accum_steps": steps,
                                 "batch_size": 32, "optim.eps": 1e-3, "data.flip": True})
-    state, step = _tiny_state(mesh, config)
+    state, step = tiny_state(mesh, config)
     with jax.set_mesh(mesh):
       _, m = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
     results[steps] = (float(m["loss"]), float(m["grad_norm"]))

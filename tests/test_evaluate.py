@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -124,7 +122,7 @@ def test_clip80_templates():
 
 
 def _tiny_train_config(data_dir):
-  from tests.test_train import tiny_config
+  from tests.tiny import tiny_config
   c = tiny_config(data_dir, total_steps=2, **{"checkpoint.every": 2})
   c.evals.retrieval.update(dict(enabled=True, max_examples=40, batch_size=16))
   c.evals.zeroshot.update(dict(max_examples=40, batch_size=16))
@@ -166,7 +164,7 @@ def test_standalone_evaluate_reproduces_in_loop_results(demo_dir, tmp_path):
 
 
 def test_zeroshot_and_linear_probe_on_tfds_mock_data(monkeypatch):
-  from tests.test_train import tiny_config
+  from tests.tiny import tiny_config
   c = tiny_config("")
   c.evals.zeroshot.update(dict(dataset="cifar10", batch_size=16, templates="short",
                                class_names=tuple(f"class {i}" for i in range(10))))

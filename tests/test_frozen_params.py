@@ -8,7 +8,7 @@ import pytest
 from xclip_jax.parallel import mesh as mesh_lib
 
 import configs.declip as declip_config
-from tests.test_train import _tiny_state, tiny_config
+from tests.tiny import tiny_config, tiny_state
 
 
 def _batch(seed):
@@ -23,7 +23,7 @@ def test_frozen_patch_embedding_is_bitwise_unchanged_and_has_no_optimizer_state(
   config = tiny_config("", **{"model.image.patch_size": 8, "model.image.freeze_patch_embed": True,
                               "optim.lr": 1e-2})
   mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2))
-  state, step = _tiny_state(mesh, config)
+  state, step = tiny_state(mesh, config)
   before = jax.device_get(state["params"])
   opt_paths = [jax.tree_util.keystr(p)
                for p, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]]

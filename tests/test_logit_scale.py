@@ -16,7 +16,7 @@ import configs.clip as clip_config
 import configs.declip as declip_config
 import configs.siglip as siglip_config
 import configs.slip as slip_config
-from tests.test_train import _tiny_state, tiny_config
+from tests.tiny import tiny_config, tiny_state
 
 
 def _tiny_model(config):
@@ -83,7 +83,7 @@ def test_the_parameter_comes_back_down_from_the_cap_and_stays_in_range():
   # is 100. Random towers make large scales costly, so the gradient pushes the parameter down:
   # with a gradient-free cap it would sit at 5.0 for good.
   mesh = mesh_lib.make_mesh(dict(data=8))
-  state, step = _tiny_state(mesh, tiny_config("", **{
+  state, step = tiny_state(mesh, tiny_config("", **{
       "model.image.patch_size": 8, "optim.lr": 1e-2, "optim.warmup_steps": 1,
       "optim.grad_clip_norm": 0.0, "model.logit_scale_range": (3.0, 6.0)}))
   state = _set(state, logit_scale=5.0)

@@ -4,7 +4,6 @@ CLIP term (values and gradients, 8 devices); options a method ignores are errors
 method's full sharded train step on 8 devices equal to 1 device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

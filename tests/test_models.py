@@ -12,7 +12,6 @@ from xclip_jax import config as cfglib
 from xclip_jax import methods
 from xclip_jax.models import text as text_lib
 from xclip_jax.models import transformer
-from xclip_jax.models import vit as vit_lib
 
 EOS = 2
 WIDTH, HEADS, LAYERS = 32, 2, 2

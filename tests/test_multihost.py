@@ -118,7 +118,7 @@ def _evaluate(workdir, processes, extra):
 
 @pytest.mark.slow
 def test_evaluation_with_two_processes_equals_one(demo_dir, tmp_path):
-  from tests.test_train import tiny_config
+  from tests.tiny import tiny_config
   from xclip_jax import train
   workdir = str(tmp_path / "run")
   config = tiny_config(demo_dir, total_steps=2, **{"checkpoint.every": 2})

@@ -17,8 +17,8 @@ from xclip_jax.models import vit
 from xclip_jax.parallel import mesh as mesh_lib
 
 from tests.test_models import EOS, images, run, text_ids, tiny_config
-from tests.test_train import _tiny_state
-from tests.test_train import tiny_config as train_config
+from tests.tiny import tiny_state
+from tests.tiny import tiny_config as train_config
 
 N_PATCHES = (16 // 8)**2            # test_models' tiny image tower: 16px images, 8px patches
 
@@ -282,7 +282,7 @@ def _clip_batches(rows=16, count=3):
 
 
 def _trajectory(mesh, config, batches):
-  state, step = _tiny_state(mesh, config)
+  state, step = tiny_state(mesh, config)
   losses = []
   with jax.set_mesh(mesh):
     for b in batches:

@@ -28,7 +28,7 @@ from xclip_jax.parallel import multihost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_STEPS = 80      # the reference saves every step up to here; drills stop earlier
-DEADLINE = 300            # seconds for one two-process run, start-up to exit (a hang fails here)
+DEADLINE = 480            # seconds for one two-process run, start-up to exit (a hang fails here)
 
 # One-layer towers and a data-only mesh compile fastest; lr constant after one warmup step.
 DRILL = ["--config=configs/clip.py:demo", "--config.data.name=synthetic",

@@ -4,7 +4,6 @@ workdir that cannot be written."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,7 +14,7 @@ import pytest
 from xclip_jax import checkpoint, metrics, train
 from xclip_jax.parallel import multihost
 
-from tests.test_train import ROOT, checkpoint_steps, tiny_config, _main_command
+from tests.tiny import ROOT, checkpoint_steps, main_command, tiny_config
 
 
 def _sigterm_at(monkeypatch, stop_step):
@@ -57,7 +56,7 @@ def test_sigterm_and_resume_is_bitwise_equal_to_an_uninterrupted_run(demo_dir, t
 @pytest.mark.slow
 def test_sigkill_during_async_saves_leaves_only_complete_checkpoints(demo_dir, tmp_path):
   workdir = tmp_path / "run"
-  cmd = _main_command(workdir, demo_dir, 100_000) + ["--config.checkpoint.every=1",
+  cmd = main_command(workdir, demo_dir, 100_000) + ["--config.checkpoint.every=1",
                                                      "--config.checkpoint.keep=3"]
   log = tmp_path / "log.txt"
   for kill_after in (8,):                 # steps logged before the kill; saves run every step
@@ -81,7 +80,7 @@ def test_sigkill_during_async_saves_leaves_only_complete_checkpoints(demo_dir, t
       assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
   # And the run resumes from the newest complete one.
   newest = max(steps)
-  out = subprocess.run(_main_command(workdir, demo_dir, newest + 1), cwd=ROOT,
+  out = subprocess.run(main_command(workdir, demo_dir, newest + 1), cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"Resuming from the checkpoint at step {newest}" in out.stderr
@@ -106,7 +105,7 @@ def _limit_file_size(limit_bytes):
 @pytest.mark.slow
 def test_a_full_disk_is_a_clear_error_and_promotes_no_checkpoint(demo_dir, tmp_path):
   workdir = tmp_path / "run"
-  cmd = _main_command(workdir, demo_dir, 4) + ["--config.checkpoint.every=2"]
+  cmd = main_command(workdir, demo_dir, 4) + ["--config.checkpoint.every=2"]
   # Large enough for the tokenizer, logs and events; too small for any checkpoint's arrays.
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        preexec_fn=_limit_file_size(16 * 1024))

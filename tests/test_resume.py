@@ -10,7 +10,7 @@ import pytest
 
 from xclip_jax import checkpoint, finetune, resume, train
 
-from tests.test_train import ROOT, checkpoint_steps
+from tests.tiny import ROOT, checkpoint_steps
 
 import configs.clip as clip_config
 

@@ -5,7 +5,6 @@ chance; the model's prototype features equal its training outputs' distributions
 evaluators and `xclip_jax.load`'s model report each method's spaces under the documented names.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,51 +1,18 @@
 """The train loop end to end on the demo data: checkpoints, resume, SIGTERM, and mesh parity."""
 
 import logging
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from xclip_jax import checkpoint, methods, optim, train
-from xclip_jax import train_state as ts
+from xclip_jax import checkpoint, train
 from xclip_jax.parallel import mesh as mesh_lib
 
-import configs.clip as clip_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Tiny towers: a step is a few ms, compilation a few seconds.
-TINY = {
-    "batch_size": 16, "total_steps": 4, "log_every": 1, "eval_every": 0,
-    "model.embed_dim": 16,
-    "model.image.width": 32, "model.image.layers": 2, "model.image.heads": 2,
-    "model.image.patch_size": 16,
-    "model.text.width": 32, "model.text.layers": 2, "model.text.heads": 2,
-    "optim.warmup_steps": 1, "data.shuffle_buffer": 64,
-    "evals.zeroshot.max_examples": 64, "evals.zeroshot.batch_size": 32,
-    "checkpoint.every": 2, "checkpoint.keep": 3,
-}
-
-
-def tiny_config(data_dir, **overrides):
-  c = clip_config.get_config("demo")
-  for key, value in {**TINY, "data.data_dir": data_dir, "evals.zeroshot.data_dir": data_dir,
-                     **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def checkpoint_steps(workdir):
-  return sorted(int(p) for p in os.listdir(checkpoint.checkpoint_dir(workdir)) if p.isdigit())
+from tests.tiny import ROOT, checkpoint_steps, main_command, tiny_config, tiny_state
 
 
 def test_train_checkpoints_and_resumes(demo_dir, tmp_path, caplog):
@@ -82,17 +49,6 @@ def test_train_checkpoints_and_resumes(demo_dir, tmp_path, caplog):
   assert checkpoint_steps(workdir) == [2, 4, 6]
 
 
-def _tiny_state(mesh, config):
-  model_fn = lambda: methods.build_model(config, eos_id=2, seed=0)
-  graphdef, params, rest = mesh_lib.create_sharded(model_fn, mesh)
-  tx, schedule = optim.make_optimizer(config, params)
-  state = ts.init_train_state(params, rest, tx, mesh, seed=0)
-  step = ts.jit_train_step(
-      ts.make_train_step(graphdef, tx, schedule, methods.get_method("clip"), config),
-      ts.shardings_of(state), mesh_lib.batch_sharding(mesh), mesh)
-  return state, step
-
-
 def test_train_step_on_8_devices_equals_1_device():
   # eps=1e-3 keeps Adam's first steps Lipschitz in the gradient: with eps=1e-6, a gradient of
   # ~1e-6 (a rare token's embedding row) turns reduction-order noise into a visible update change.
@@ -105,7 +61,7 @@ def test_train_step_on_8_devices_equals_1_device():
     batches.append({"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "text": text})
 
   def trajectory(mesh):
-    state, step = _tiny_state(mesh, config)
+    state, step = tiny_state(mesh, config)
     losses = []
     with jax.set_mesh(mesh):
       for b in batches:
@@ -124,20 +80,12 @@ def test_train_step_on_8_devices_equals_1_device():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _main_command(workdir, data_dir, total_steps):
-  flags = [f"--config.{k}={v}" for k, v in TINY.items()]
-  return [sys.executable, "-m", "xclip_jax.main", "--config=configs/clip.py:demo",
-          f"--workdir={workdir}", *flags, f"--config.total_steps={total_steps}",
-          f"--config.data.data_dir={data_dir}", f"--config.evals.zeroshot.data_dir={data_dir}",
-          "--config.evals.zeroshot.enabled=False", "--config.checkpoint.every=100000"]
-
-
 @pytest.mark.slow
 def test_sigterm_saves_exits_75_and_the_same_command_resumes(demo_dir, tmp_path):
   workdir = tmp_path / "run"
   log = tmp_path / "log.txt"
   with open(log, "w") as f:
-    proc = subprocess.Popen(_main_command(workdir, demo_dir, 100_000), cwd=ROOT,
+    proc = subprocess.Popen(main_command(workdir, demo_dir, 100_000), cwd=ROOT,
                             stdout=f, stderr=subprocess.STDOUT)
   deadline = time.time() + 600
   while "step 3/" not in log.read_text():
@@ -151,7 +99,7 @@ def test_sigterm_saves_exits_75_and_the_same_command_resumes(demo_dir, tmp_path)
   (saved,) = checkpoint_steps(workdir)                      # only the forced save
   assert saved >= 3
 
-  out = subprocess.run(_main_command(workdir, demo_dir, saved + 2), cwd=ROOT,
+  out = subprocess.run(main_command(workdir, demo_dir, saved + 2), cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"Resuming from the checkpoint at step {saved}" in out.stderr
@@ -162,7 +110,7 @@ def test_sigterm_saves_exits_75_and_the_same_command_resumes(demo_dir, tmp_path)
 def test_nonfinite_step_is_skipped_and_state_kept():
   config = tiny_config("", **{"model.image.patch_size": 8})
   mesh = mesh_lib.make_mesh(dict(data=8))
-  state, step = _tiny_state(mesh, config)
+  state, step = tiny_state(mesh, config)
   rng = np.random.RandomState(0)
   text = rng.randint(4, 200, size=(16, 32)).astype(np.int32)
   text[:, 9], text[:, 10:] = 2, 0

@@ -173,7 +173,7 @@ def test_zeroshot_setup_refuses_what_would_run_silently_wrong():
 def tiny(tmp_path_factory):
   """(config, tokenizer, mesh, graphdef, state) of a tiny untrained CLIP on 8 devices; the
   config's tokenizer.path is the tokenizer's file."""
-  from tests.test_train import tiny_config
+  from tests.tiny import tiny_config
   from xclip_jax.data import tokenizer as tokenizer_lib
   from xclip_jax import methods
   from xclip_jax.parallel import mesh as mesh_lib
@@ -365,7 +365,7 @@ def test_suite_command_with_nothing_prepared(tiny, tmp_path):
 
 
 def test_naming_a_dataset_on_the_command_line_gives_it_its_own_setup():
-  from tests.test_train import tiny_config
+  from tests.tiny import tiny_config
   from xclip_jax.evaluate import runner
   c = tiny_config("")                      # the demo's: split test, templates demo, on
   c.evals.zeroshot.enabled = False
