@@ -36,12 +36,16 @@ def from_micro(x: jax.Array) -> jax.Array:
 
 def accumulated_value_and_grad(graphdef: Any, params: Any, model_state: Any,
                                batch: dict[str, jax.Array], steps: int,
-                               loss_of_outputs: Callable[[dict[str, jax.Array]], tuple]):
-  """((loss, metrics), grads) of loss_of_outputs(model outputs of the whole batch)."""
+                               loss_of_outputs: Callable[[dict[str, jax.Array]], tuple],
+                               prepare_params: Callable[[Any], Any] = lambda params: params):
+  """((loss, metrics), grads) of loss_of_outputs(model outputs of the whole batch).
+
+  `prepare_params` maps the differentiated parameters to the model's (the train step's
+  stop_gradient of frozen ones)."""
   micro = jax.tree.map(lambda x: to_micro(x, steps), batch)
 
   def embed(params, micro_batch):
-    out = nnx.merge(graphdef, params, model_state)(micro_batch, train=True)
+    out = nnx.merge(graphdef, prepare_params(params), model_state)(micro_batch, train=True)
     return {k: out[k] for k in EMBEDDING_KEYS}, out["logit_scale"]
 
   # Pass 1: every micro-batch's embeddings, no gradients.

@@ -20,7 +20,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from xclip_jax import accumulate
+from xclip_jax import accumulate, param_groups
 from xclip_jax.data import device_augment
 from xclip_jax.objectives import registry
 from xclip_jax.models import vit as vit_lib
@@ -79,7 +79,8 @@ def abstract_of(tree: Any) -> Any:
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     method: registry.Method, config: ml_collections.ConfigDict,
-                    text_spec: dict[str, int] | None = None, augment: bool = True):
+                    text_spec: dict[str, int] | None = None, augment: bool = True,
+                    stop_frozen_gradients: bool = True):
   """Returns the un-jitted step: (state, batch) -> (state, metrics).
 
   The batch's image views (the method's declared `views`) are uint8 pixels (float is read as
@@ -88,6 +89,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
   augment=False skips that: the images are then the model's input as given (already normalised
   float32; benchmarks compare the two). `text_spec` (the tokenizer's vocab_size and special ids)
   is needed by methods whose `prepare` edits token ids (DeCLIP's MLM masking).
+
+  Frozen parameters (param_groups.py: a locked tower, the frozen patch embedding) enter the model
+  under jax.lax.stop_gradient, so no backward pass runs into them; their gradients (zeros) and
+  grad_norm then count the trainable parameters only. stop_frozen_gradients=False leaves that to
+  the optimizer's set_to_zero alone (tests/test_locked_towers.py compares the programs).
   """
   accum_steps = int(config.accum_steps)
   if accum_steps > 1 and not method.accumulable:
@@ -96,6 +102,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
                      f"not {method.name!r}.")
   augment_batch = (device_augment.make_batch_augment(method.views, config.data, int(config.seed))
                    if augment else None)
+  stop_frozen = (param_groups.stop_frozen_gradients(config) if stop_frozen_gradients
+                 else lambda params: params)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     if augment_batch is not None:
@@ -107,7 +115,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
     batch = vit_lib.add_patch_keys(batch, config, state["step"])   # FLIP keys; none when off
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["model_state"])
+      model = nnx.merge(graphdef, stop_frozen(params), state["model_state"])
       outputs = model(batch, train=True)
       loss, metrics, method_state = method.objective(outputs, batch, config,
                                                      state["method_state"])
@@ -120,7 +128,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
         loss, metrics, _ = method.objective(outputs, batch, config, state["method_state"])
         return loss, metrics
       (loss, metrics, scale), grads = accumulate.accumulated_value_and_grad(
-          graphdef, state["params"], state["model_state"], batch, accum_steps, loss_of_outputs)
+          graphdef, state["params"], state["model_state"], batch, accum_steps, loss_of_outputs,
+          prepare_params=stop_frozen)
       model_state, method_state = state["model_state"], state["method_state"]
     else:
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
