@@ -125,3 +125,23 @@ def test_orbax_is_told_the_loops_preemption_decision_and_never_asks_jax(tmp_path
   ckpt.close()
   assert calls == []
   assert ckpt._manager.reached_preemption(7) and not ckpt._manager.reached_preemption(5)
+
+
+def test_restore_model_reads_only_the_subtrees_asked_for(tmp_path):
+  """init_from asks for the params alone; a run's checkpoint also holds model_state (here a
+  BatchNorm-like statistic), which must be skipped, not a KeyError."""
+  mesh = _mesh((4, 2))
+  state, _ = _state(mesh)
+  state["model_state"] = {"norm": {"mean": jax.device_put(np.arange(8, dtype=np.float32),
+                                                          NamedSharding(mesh, P()))}}
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=5, keep=3)
+  ckpt.save(5, state, _config())
+  ckpt.close()
+  abstract = ts.abstract_of(state)
+  step, restored = checkpoint.restore_model(str(tmp_path), None, {"params": abstract["params"]})
+  assert step == 5 and set(restored) == {"params", "model_state"}
+  assert restored["model_state"] == {}
+  _assert_trees_equal(restored["params"], state["params"])
+  _, both = checkpoint.restore_model(str(tmp_path), 5, {k: abstract[k]
+                                                        for k in ("params", "model_state")})
+  _assert_trees_equal(both["model_state"], state["model_state"])

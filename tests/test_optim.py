@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from configs import clip as clip_config
-from xclip_jax import optim
+from xclip_jax import optim, param_groups
 
 
 def _params():
@@ -170,10 +170,10 @@ def test_frozen_parameters_get_zero_updates_and_no_optimizer_state():
 
 def test_a_frozen_path_that_matches_nothing_is_an_error():
   with pytest.raises(ValueError, match="image/patch_embedding"):
-    optim.parameter_labels(_params(), ("image/patch_embedding",))
-  labels = optim.parameter_labels(_params(), ("image/blocks",))
-  assert labels["image"]["blocks"]["mlp"]["kernel"] == optim.FROZEN
-  assert labels["image"]["pos_embedding"] == optim.TRAINABLE
+    param_groups.parameter_labels(_params(), ("image/patch_embedding",))
+  labels = param_groups.parameter_labels(_params(), ("image/blocks",))
+  assert labels["image"]["blocks"]["mlp"]["kernel"] == param_groups.FROZEN
+  assert labels["image"]["pos_embedding"] == param_groups.TRAINABLE
 
 
 def test_recipes_clip_gradients_only_where_their_references_do():

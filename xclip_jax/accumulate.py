@@ -36,18 +36,20 @@ def from_micro(x: jax.Array) -> jax.Array:
 def accumulated_value_and_grad(graphdef: Any, params: Any, model_state: Any,
                                batch: dict[str, jax.Array], steps: int,
                                loss_of_outputs: Callable[[dict[str, jax.Array]], tuple],
-                               features: Sequence[str], shared: Sequence[str] = ()):
+                               features: Sequence[str], shared: Sequence[str] = (),
+                               prepare_params: Callable[[Any], Any] = lambda params: params):
   """((loss, metrics), grads) of loss_of_outputs(model outputs of the whole batch).
 
   `features` name the per-example outputs the loss reads (cached), `shared` the outputs that
   depend on the parameters only (e.g. the logit scale); the method declares both
-  (methods.base.Accumulation), and the loss must read nothing else.
+  (methods.base.Accumulation), and the loss must read nothing else. `prepare_params` maps the
+  differentiated parameters to the model's (the train step's stop_gradient of frozen ones).
   """
   features, shared = tuple(features), tuple(shared)
   micro = jax.tree.map(lambda x: to_micro(x, steps), batch)
 
   def embed(params, micro_batch):
-    out = nnx.merge(graphdef, params, model_state)(micro_batch, train=True)
+    out = nnx.merge(graphdef, prepare_params(params), model_state)(micro_batch, train=True)
     return {k: out[k] for k in features}, {k: out[k] for k in shared}
 
   # Pass 1: every micro-batch's features, no gradients.

@@ -186,10 +186,12 @@ def param_shapes(workdir: str, step: int | None = None) -> tuple[int, dict[str, 
 def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> tuple[int, dict]:
   """(step, {"params": ..., "model_state": ...}) restored into the shapes and shardings of
   `abstract` (ShapeDtypeStructs with shardings, e.g. from mesh.abstract_model); the optimizer
-  state is not read. The mesh may differ from the one the run trained on."""
+  state is not read, nor a subtree `abstract` lacks (init_from reads the params alone). The mesh
+  may differ from the one the run trained on."""
   step, restored = _read_subtrees(
       workdir, step,
-      lambda stored: {k: abstract[k] for k in ("params", "model_state") if k in stored},
+      lambda stored: {k: abstract[k] for k in ("params", "model_state")
+                      if k in stored and k in abstract},
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype))
   restored.setdefault("model_state", {})
   return step, restored

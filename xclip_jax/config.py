@@ -101,6 +101,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.max_nonfinite_steps = 10
   # Parameters whose path contains one of these names get no weight decay (biases, norms, scalars).
   c.optim.no_decay = ("bias", "scale", "logit_scale", "class_embedding")
+  # Fine-tuning controls (param_groups.py). The tower whose parameters do not train, projection
+  # included: '' (none), 'image' (LiT) or 'text'. (Not `lock`: that is a ConfigDict method.)
+  c.optim.locked_tower = ""
+  # Learning-rate multipliers: ((regex fullmatching the '/'-joined parameter path, mult), ...);
+  # the first match wins, 0 freezes. Command line: --config.optim.lr_mults='image/.*=0.1',
+  # repeated for more.
+  c.optim.lr_mults = ()
+  # The image tower's layer-wise lr decay d (BEiT): block i of L x d^(L - i), embeddings
+  # x d^(L + 1), ln_post and projection x 1. 1 turns it off.
+  c.optim.layer_decay = 1.0
 
   # ---- mesh: axes (data, fsdp, tensor); -1 fills with the remaining devices ---------------------
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -227,7 +237,7 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax import methods  # local: keeps config import light
-  from xclip_jax import optim
+  from xclip_jax import optim, param_groups
   from xclip_jax.models import vit
 
   if c.method not in methods.names():
@@ -261,6 +271,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optim.warmup_steps={c.optim.warmup_steps} must be below "
                      f"config.total_steps={c.total_steps}.")
   optim.check_schedule(c.optim, c.total_steps)
+  param_groups.check_config(c)
   vit.num_kept_patches((c.model.image.image_size // c.model.image.patch_size)**2,
                        c.model.image.patch_dropout)
 

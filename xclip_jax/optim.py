@@ -1,5 +1,5 @@
-"""The optimiser: optax AdamW with a linear-warmup + cosine schedule, a weight-decay mask, clipping,
-a weight-decay convention, and frozen parameters.
+"""The optimiser: optax AdamW with a learning-rate schedule, a weight-decay mask, clipping, a
+weight-decay convention, frozen parameters and per-parameter learning-rate multipliers.
 
 Weight-decay conventions (`config.optim.decay_convention`):
   adamw       optax.adamw / PyTorch AdamW: each step shrinks a decayed parameter by
@@ -9,10 +9,15 @@ Weight-decay conventions (`config.optim.decay_convention`):
               shrinks by weight_decay x lr(t) / lr (SigLIP). Written as AdamW with weight decay
               weight_decay / lr, which is the same update.
 
-Frozen parameters (`frozen_paths`) get no update, no weight decay, no optimizer state and do not
-count in gradient clipping: `optax.multi_transform` sends them to `optax.set_to_zero()` and every
-other parameter through the optimiser chain. DeCLIP's frozen patch embedding uses it; LiT (a frozen
-tower) is one more path prefix.
+Frozen parameters and multipliers come from param_groups.py. Frozen ones get no update, no weight
+decay, no optimizer state and do not count in gradient clipping: `optax.multi_transform` sends
+them to `optax.set_to_zero()` and every other parameter through the optimiser chain. A multiplier
+m scales the step as each convention's reference does:
+  adamw       -lr(t) x m x (adam + wd x p): a PyTorch parameter group's lr scales its decay too
+              (open_clip's groups, BEiT's layer decay)
+  big_vision  -lr(t) x (m x adam + wd / lr x p): big_vision's lr_mults scale the gradient step
+              before the decay is added, so decay stays weight_decay x lr(t) / lr
+Clipping sees the gradients before any multiplier.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import jax
 import ml_collections
 import optax
 
+from xclip_jax import param_groups
+
 DECAY_CONVENTIONS = ("adamw", "big_vision")
-TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -102,10 +108,6 @@ def check_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> int:
   return cooldown
 
 
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def weight_decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   """True where weight decay applies: every parameter except those whose path names a no-decay key.
 
@@ -117,39 +119,8 @@ def weight_decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   def decays(path) -> bool:
     # A name matches a key equal to it or ending in '_<name>' (e.g. 'qkv_bias' for 'bias').
     return not any(key == name or key.endswith("_" + name)
-                   for key in _path_names(path) for name in no_decay)
+                   for key in param_groups.path_names(path) for name in no_decay)
   return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
-
-
-def frozen_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """'/'-joined parameter path prefixes the config freezes."""
-  paths = []
-  if config.model.image.get("freeze_patch_embed", False):
-    paths.append("image/patch_embed")         # DeCLIP's ViTs (`freeze_conv1`)
-  return tuple(paths)
-
-
-def parameter_labels(params: Any, frozen: tuple[str, ...]) -> Any:
-  """FROZEN for every parameter whose path starts with one of `frozen`, else TRAINABLE.
-
-  A prefix that matches no parameter is an error (a typo would otherwise train what it meant to
-  freeze)."""
-  prefixes = [tuple(p.strip("/").split("/")) for p in frozen]
-  used = set()
-
-  def label(path, _):
-    names = _path_names(path)
-    for prefix in prefixes:
-      if names[:len(prefix)] == prefix:
-        used.add(prefix)
-        return FROZEN
-    return TRAINABLE
-
-  labels = jax.tree_util.tree_map_with_path(label, params)
-  unused = ["/".join(p) for p in prefixes if p not in used]
-  if unused:
-    raise ValueError(f"Frozen parameter path(s) {unused} match no parameter of the model.")
-  return labels
 
 
 def _decoupled_weight_decay(optim: ml_collections.ConfigDict) -> float:
@@ -166,24 +137,38 @@ def _decoupled_weight_decay(optim: ml_collections.ConfigDict) -> float:
   return float(optim.weight_decay) / float(optim.lr)
 
 
+def _adamw(optim: ml_collections.ConfigDict, schedule: optax.Schedule, decay_mask: Any,
+           multipliers: dict | None) -> optax.GradientTransformation:
+  """optax.adamw, or with multipliers its three steps with the multiplier where the convention
+  puts it (module docstring)."""
+  weight_decay = _decoupled_weight_decay(optim)
+  if multipliers is None:
+    return optax.adamw(learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=weight_decay, mask=decay_mask)
+  decay = optax.add_decayed_weights(weight_decay, decay_mask)
+  scale = param_groups.scale_by_multipliers(multipliers)
+  middle = (decay, scale) if optim.decay_convention == "adamw" else (scale, decay)
+  return optax.chain(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps), *middle,
+                     optax.scale_by_learning_rate(schedule))
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (tx, schedule). `params` is only used for the tree structure of the masks."""
   optim = config.optim
   schedule = learning_rate_schedule(optim, config.total_steps)
+  param_groups.check_config(config)
   no_decay = tuple(optim.no_decay)
   parts = []
   if optim.grad_clip_norm and optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
   # A callable mask: under multi_transform it is evaluated on the trainable subtree only.
-  parts.append(optax.adamw(
-      learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-      weight_decay=_decoupled_weight_decay(optim),
-      mask=lambda tree: weight_decay_mask(tree, no_decay)))
+  parts.append(_adamw(optim, schedule, lambda tree: weight_decay_mask(tree, no_decay),
+                      param_groups.lr_multipliers(config, params)))
   tx = optax.chain(*parts)
-  frozen = frozen_paths(config)
-  if frozen:
+  labels = param_groups.labels_of(config, params)
+  if param_groups.FROZEN in jax.tree.leaves(labels):
     # Only when something is frozen: the plain chain keeps older checkpoints' optimizer state.
-    tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()},
-                               parameter_labels(params, frozen))
+    tx = optax.multi_transform({param_groups.TRAINABLE: tx,
+                                param_groups.FROZEN: optax.set_to_zero()}, labels)
   return tx, schedule

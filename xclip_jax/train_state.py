@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from xclip_jax import accumulate
+from xclip_jax import accumulate, param_groups
 from xclip_jax import methods
 from xclip_jax.data import device_augment
 from xclip_jax.data import text_spec as text_spec_lib
@@ -81,7 +81,8 @@ def abstract_of(tree: Any) -> Any:
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     method: methods.Method, config: ml_collections.ConfigDict,
-                    text_spec: text_spec_lib.TextSpec | None = None, augment: bool = True):
+                    text_spec: text_spec_lib.TextSpec | None = None, augment: bool = True,
+                    stop_frozen_gradients: bool = True):
   """Returns the un-jitted step: (state, batch) -> (state, metrics).
 
   The batch's image views (the method's declared `views`) are uint8 pixels (float is read as
@@ -90,6 +91,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
   augment=False skips that: the images are then the model's input as given (already normalised
   float32; benchmarks compare the two). `text_spec` (the tokenizer's vocab size and special ids)
   is needed by methods whose `prepare` edits token ids (DeCLIP's MLM masking).
+
+  Frozen parameters (param_groups.py: a locked tower, the frozen patch embedding) enter the model
+  under jax.lax.stop_gradient, so no backward pass runs into them; their gradients (zeros) and
+  grad_norm then count the trainable parameters only. stop_frozen_gradients=False leaves that to
+  the optimizer's set_to_zero alone (tests/test_locked_towers.py compares the programs).
   """
   accum_steps = int(config.accum_steps)
   if accum_steps > 1 and method.accumulation is None:
@@ -98,6 +104,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
                      f"features supports {supported}, not {method.name!r}.")
   augment_batch = (device_augment.make_batch_augment(method.views, config.data, int(config.seed))
                    if augment else None)
+  stop_frozen = (param_groups.stop_frozen_gradients(config) if stop_frozen_gradients
+                 else lambda params: params)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     if augment_batch is not None:
@@ -109,7 +117,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
     batch = vit_lib.add_patch_keys(batch, config, state["step"])   # FLIP keys; none when off
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["model_state"])
+      model = nnx.merge(graphdef, stop_frozen(params), state["model_state"])
       outputs = model(batch, train=True)
       loss, metrics, method_state = method.objective(outputs, batch, config,
                                                      state["method_state"])
@@ -122,7 +130,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
         return loss, metrics
       (loss, metrics), grads = accumulate.accumulated_value_and_grad(
           graphdef, state["params"], state["model_state"], batch, accum_steps, loss_of_outputs,
-          method.accumulation.features, method.accumulation.shared)
+          method.accumulation.features, method.accumulation.shared, prepare_params=stop_frozen)
       model_state, method_state = state["model_state"], state["method_state"]
     else:
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
