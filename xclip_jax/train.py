@@ -20,7 +20,9 @@ from xclip_jax import config as config_lib
 from xclip_jax import finetune
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
+from xclip_jax import profiling
 from xclip_jax import resume
+from xclip_jax import tracking
 from xclip_jax import train_state as ts
 from xclip_jax.data import global_batches
 from xclip_jax.data import pipeline
@@ -79,7 +81,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   step boundary every process agrees on, then raises multihost.Preempted (main.py exits with
   multihost.REQUEUE_EXIT_STATUS).
   """
-  with multihost.PreemptionWatch() as preemption:
+  with multihost.PreemptionWatch() as preemption, tracking.log_file(workdir), \
+      profiling.stopped_on_exit():
     return _run(config, workdir, preemption, resume_with_changes)
 
 
@@ -97,10 +100,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
     mesh_lib.batch_size_per_process(config.batch_size // config.accum_steps, mesh)
   finetune.check_not_source(workdir, config.init_from)
   is_synthetic = config.data.name == synthetic.NAME
+  dataset_size = None       # train examples, for the epochs metric (unknown for synthetic data)
   if is_synthetic:
     tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)
   else:
-    pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
+    builder = pipeline.prepare_dataset(config.data.name, config.data.data_dir or None,
+                                       config.data.builtin)
+    dataset_size = tracking.split_size(builder, config.data.split)
     tokenizer = tokenizer_lib.resolve_tokenizer(config)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
@@ -171,8 +177,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
     evaluators = []
   else:
     evaluators = eval_runner.build_evaluators(config, tokenizer, mesh, graphdef)
-  logger = metrics_lib.MetricLogger(workdir, total_steps=config.total_steps,
-                                    global_batch=config.batch_size)
+  logger = metrics_lib.MetricLogger(
+      workdir, total_steps=config.total_steps, global_batch=config.batch_size,
+      writer=tracking.make_writer(config, workdir, resume_step=start_step),
+      dataset_size=dataset_size)
+  profiler = profiling.StepProfiler(config.profile, workdir, first_step=start_step)
 
   # ------------------------------------------------------------------------------------------------
   #  Compile the step ahead of time (reports compile time; dry_run stops here)
@@ -190,6 +199,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   if config.dry_run:
     batches.close()
     checkpointer.close()
+    logger.close()
     return {"compile_seconds": compile_seconds}
 
   # ------------------------------------------------------------------------------------------------
@@ -201,9 +211,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   unread = []          # (step, metrics) whose skip flag the host has not read yet
   logger.start(step)
   while step < config.total_steps:
+    profiler.step_begins(step + 1)
     state, metrics = compiled_step(state, batch)
     step += 1
     is_last = step == config.total_steps
+    profiler.step_ended(step, (state, metrics), last=is_last)
 
     # Non-finite steps were skipped inside the step; count them here. The flag read is the
     # previous step's (already finished while this one is queued), so the host never stalls the
