@@ -71,6 +71,16 @@ def test_remote_sink_is_rewritten_whole_on_flush(tmp_path, monkeypatch):
   assert _lines(path)[-1] == {"step": 3, "loss": 1.0}
 
 
+def test_a_dry_run_leaves_metrics_jsonl_and_wandb_alone(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+  writer = tracking.make_writer(tiny_config("", **{"dry_run": True, "wandb.enabled": True}),
+                                str(tmp_path), resume_step=0)
+  writer.close()
+  assert _lines(tmp_path / "metrics.jsonl") == [{"step": 7, "loss": 1.0}]
+  assert not os.path.exists(tmp_path / "wandb_run_id")
+  assert not os.path.exists(tmp_path / tracking.DROPPED_FILE)
+
+
 def test_progress_counts_the_global_batch_per_step():
   assert tracking.progress(3, 64, None) == {"samples_seen": 192.0}
   assert tracking.progress(3, 64, 128) == {"samples_seen": 192.0, "epochs": 1.5}

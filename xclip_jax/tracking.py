@@ -207,11 +207,18 @@ class JsonlWriter(interface.MetricWriter):
 def make_writer(config: ml_collections.ConfigDict, workdir: str, *,
                 resume_step: int = 0) -> metric_writers.MetricWriter:
   """TensorBoard events + metrics.jsonl (+ W&B with config.wandb.enabled) on process 0; an empty
-  writer elsewhere. `resume_step`: the step this run starts from (0 for a new run)."""
+  writer elsewhere. `resume_step`: the step this run starts from (0 for a new run).
+
+  Call it before compiling, so that a W&B error (no login, no network for online mode) comes
+  first. A dry run (config.dry_run) logs nothing: it gets the events writer only, leaving
+  metrics.jsonl as it is and creating no W&B run.
+  """
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
-  writers = [metric_writers.SummaryWriter(workdir),
-             JsonlWriter(_join(workdir, METRICS_FILE), resume_step=resume_step)]
+  writers = [metric_writers.SummaryWriter(workdir)]
+  if config.dry_run:
+    return metric_writers.MultiWriter(writers)
+  writers.append(JsonlWriter(_join(workdir, METRICS_FILE), resume_step=resume_step))
   if config.wandb.enabled:
     from xclip_jax import wandb_writer  # noqa: PLC0415  (wandb is an optional extra)
     writers.append(wandb_writer.WandbWriter(config, workdir, resume_step=resume_step))
@@ -274,7 +281,7 @@ def log_file(workdir: str) -> Iterator[str | None]:
   path = _join(workdir, log_file_name(jax.process_index()))
   try:
     handler = _SinkHandler(TextSink(path))
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001  (the workdir check reports what to change)
     logging.warning("No log file %s (%s).", path, e)
     yield None
     return

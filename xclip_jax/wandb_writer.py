@@ -12,6 +12,7 @@ Offline mode (`config.wandb.mode=offline`, or WANDB_MODE=offline) writes the run
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import string
@@ -48,12 +49,27 @@ def _run_id(workdir: str, resume_step: int) -> str:
 
 def _local_dir(config_dir: str, workdir: str) -> str | None:
   """Where W&B keeps its files: config.wandb.dir; else $WANDB_DIR; else a local workdir (W&B
-  needs a local directory: a gs:// workdir leaves W&B's default, ./wandb)."""
+  needs a local directory: a gs:// workdir leaves W&B's default, ./wandb). Passed explicitly:
+  W&B reads its environment once per process, so a second run in one process would else
+  write where the first did."""
   if config_dir:
     return config_dir
-  if os.environ.get("WANDB_DIR") or "://" in workdir:
-    return None
-  return workdir
+  if os.environ.get("WANDB_DIR"):
+    return os.environ["WANDB_DIR"]
+  return None if "://" in workdir else workdir
+
+
+class _WarningsOnly(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def _quiet_wandb_logger() -> None:
+  """W&B logs its set-up steps (the whole config among them) at INFO on the "wandb" logger; they
+  would reach absl's stderr and train.log. W&B keeps them in its own debug.log anyway."""
+  logger = logging.getLogger("wandb")
+  if not any(isinstance(f, _WarningsOnly) for f in logger.filters):
+    logger.addFilter(_WarningsOnly())
 
 
 class WandbWriter(interface.MetricWriter):
@@ -61,6 +77,7 @@ class WandbWriter(interface.MetricWriter):
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, resume_step: int = 0):
     wandb = self._wandb = import_wandb()
+    _quiet_wandb_logger()
     w = config.wandb
     directory = _local_dir(w.dir, workdir)
     if directory:
