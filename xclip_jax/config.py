@@ -186,6 +186,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- checkpoints ------------------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+
+  # ---- tracking: TensorBoard events and metrics.jsonl always; Weights & Biases optionally -------
+  # (pip install 'xclip_jax[wandb]'). "" = W&B's defaults (project, run name); dir "" = $WANDB_DIR,
+  # else the workdir. mode: online | offline (upload later with `wandb sync`). tracking.py.
+  c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="", name="", mode="online",
+                                           dir=""))
+
+  # ---- profiling: a jax.profiler trace of steps start_step .. start_step + num_steps - 1 into
+  # <workdir>/profile (TensorBoard's profile plugin); num_steps=0: off. perfetto: also write
+  # perfetto_trace.json.gz (ui.perfetto.dev). profiling.py.
+  c.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0, perfetto=False))
   return c
 
 
@@ -237,7 +248,7 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax import methods  # local: keeps config import light
-  from xclip_jax import optim, param_groups
+  from xclip_jax import optim, param_groups, profiling, tracking
   from xclip_jax.models import vit
 
   if c.method not in methods.names():
@@ -274,6 +285,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   param_groups.check_config(c)
   vit.num_kept_patches((c.model.image.image_size // c.model.image.patch_size)**2,
                        c.model.image.patch_dropout)
+  tracking.check_config(c)
+  profiling.check_config(c)
 
 
 def merge_saved(schema: ml_collections.ConfigDict, saved: dict) -> None:

@@ -1,4 +1,5 @@
-"""Metric logging: TensorBoard event files in the workdir (through clu) and a console progress line.
+"""Metric logging: one clu writer (TensorBoard events, metrics.jsonl, W&B: tracking.make_writer)
+and a console progress line.
 
 Only process 0 writes; the others log nothing, so multi-host runs do not write N copies.
 """
@@ -13,6 +14,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from xclip_jax import tracking
+
 
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
@@ -24,13 +27,20 @@ def _format_duration(seconds: float) -> str:
 class MetricLogger:
   """Writes scalars and tracks throughput between log points."""
 
-  def __init__(self, workdir: str, *, total_steps: int, global_batch: int):
+  def __init__(self, workdir: str, *, total_steps: int, global_batch: int,
+               writer: metric_writers.MetricWriter | None = None,
+               dataset_size: int | None = None):
+    """`writer`: where scalars go (default: TensorBoard events in `workdir`, process 0 only);
+    `dataset_size`: examples in the train split, for the epochs metric (None: unknown)."""
     self.is_writer = jax.process_index() == 0
-    # TensorBoard events only: the console line below is our own (with progress and ETA).
-    self._writer = (metric_writers.SummaryWriter(workdir) if self.is_writer
-                    else metric_writers.MultiWriter([]))
+    # The console line below is our own (with progress and ETA), not a clu LoggingWriter.
+    if writer is None:
+      writer = (metric_writers.SummaryWriter(workdir) if self.is_writer
+                else metric_writers.MultiWriter([]))
+    self._writer = writer
     self._total = total_steps
     self._batch = global_batch
+    self._dataset_size = dataset_size
     self._start_time = None
     self._start_step = None
     self._last_time = None
@@ -42,14 +52,16 @@ class MetricLogger:
     self._start_step = self._last_step = step
 
   def timing(self, step: int) -> dict[str, float]:
-    """Step time and images/s since the last call; ETA from the run's average so far."""
+    """Step time and images/s since the last call; ETA from the run's average so far; samples
+    seen and epochs (tracking.progress)."""
     now = time.perf_counter()
     steps = max(step - self._last_step, 1)
     dt = now - self._last_time
     self._last_time, self._last_step = now, step
     avg = (now - self._start_time) / max(step - self._start_step, 1)
     return {"step_time": dt / steps, "images_per_sec": self._batch * steps / max(dt, 1e-9),
-            "eta_seconds": avg * (self._total - step)}
+            "eta_seconds": avg * (self._total - step),
+            **tracking.progress(step, self._batch, self._dataset_size)}
 
   def write(self, step: int, scalars: Mapping[str, float], *, console: bool = True) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}

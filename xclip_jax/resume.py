@@ -4,6 +4,7 @@ A workdir holds one run. Starting a command in a workdir that has checkpoints re
 the new config must be the saved one, apart from fields that do not change what is computed:
 
   run length and cadence   total_steps, log_every, eval_every, dry_run, checkpoint.*
+  tracking and profiling   wandb.*, profile.*
   evaluation               evals.*  (what is measured, not what is trained)
   host-side throughput     data.prefetch, data.num_parallel_calls (tf.data stays deterministic)
   memory and layout        mesh.*, model.remat, accum_steps, contrastive.impl/chunk, and every
@@ -35,6 +36,7 @@ MAY_CHANGE = (
     "total_steps", "log_every", "eval_every", "dry_run", "checkpoint.*", "evals.*",
     "data.prefetch", "data.num_parallel_calls",
     "mesh.*", "model.remat", "accum_steps", "contrastive.impl", "contrastive.chunk",
+    "wandb.*", "profile.*",
 )
 CHANGES_FILE = "resume_changes.jsonl"
 

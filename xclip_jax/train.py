@@ -21,7 +21,9 @@ from xclip_jax import checkpoint as ckpt_lib
 from xclip_jax import finetune
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import nonfinite as nonfinite_lib
+from xclip_jax import profiling
 from xclip_jax import resume
+from xclip_jax import tracking
 from xclip_jax import train_state as ts
 from xclip_jax.data import global_batches
 from xclip_jax.data import sources
@@ -75,7 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   step boundary every process agrees on, then raises multihost.Preempted (main.py exits with
   multihost.REQUEUE_EXIT_STATUS).
   """
-  with multihost.PreemptionWatch() as preemption:
+  with multihost.PreemptionWatch() as preemption, tracking.log_file(workdir), \
+      profiling.stopped_on_exit():
     return _run(config, workdir, preemption, resume_with_changes)
 
 
@@ -141,9 +144,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: multihos
   else:
     logging.info("Synthetic data: in-loop evaluation is skipped.")
     evaluators = []
-  logger = metrics_lib.MetricLogger(workdir, total_steps=config.total_steps,
-                                    global_batch=config.batch_size)
+  logger = metrics_lib.MetricLogger(
+      workdir, total_steps=config.total_steps, global_batch=config.batch_size,
+      writer=tracking.make_writer(config, workdir, resume_step=start_step),
+      dataset_size=source.dataset_size)
   resources.callback(logger.close)
+  profiler = profiling.StepProfiler(config.profile, workdir, first_step=start_step)
 
   # ------------------------------------------------------------------------------------------------
   #  Compile the step ahead of time (reports compile time; dry_run stops here)
@@ -167,9 +173,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: multihos
                                     f"{checkpointer.latest_step()})"))
   logger.start(step)
   while step < config.total_steps:
+    profiler.step_begins(step + 1)
     state, metrics = compiled_step(state, batch)
     step += 1
     is_last = step == config.total_steps
+    profiler.step_ended(step, (state, metrics), last=is_last)
     nonfinite.observe(step, metrics, is_last=is_last)   # non-finite steps were skipped in the step
 
     if step % config.log_every == 0 or is_last or step == start_step + 1:

@@ -23,6 +23,7 @@ class DataSource(Protocol):
   tokenizer: text_spec_lib.Tokenizer | None
   text_spec: text_spec_lib.TextSpec
   evaluates: bool           # whether in-loop evaluators have data to read
+  dataset_size: int | None  # examples in the train split (the epochs metric), None if unknown
 
   def host_batches(self, views: views_lib.Views, sharding: jax.sharding.Sharding, *,
                    host_batch: int, start_step: int) -> Iterable[dict[str, np.ndarray]]:
@@ -33,6 +34,7 @@ class SyntheticSource:
   """Deterministic in-memory batches (data/synthetic.py): no files, no tokenizer, no evaluation."""
 
   evaluates = False
+  dataset_size = None       # endless
 
   def __init__(self, config: ml_collections.ConfigDict):
     self._config = config
@@ -52,8 +54,11 @@ class TFDSSource:
   def __init__(self, config: ml_collections.ConfigDict):
     from xclip_jax.data import datasets  # noqa: PLC0415  (TensorFlow only where data is read)
     from xclip_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+    from xclip_jax import tracking  # noqa: PLC0415
     self._config = config
-    datasets.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
+    builder = datasets.prepare_dataset(config.data.name, config.data.data_dir or None,
+                                       config.data.builtin)
+    self.dataset_size = tracking.split_size(builder, config.data.split)
     self.tokenizer = tokenizer_lib.resolve_tokenizer(config)
     self.text_spec = self.tokenizer.spec
 
