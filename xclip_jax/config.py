@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A workdir (or <workdir>/checkpoints/<step>) whose model parameters start a fresh run (step 0,
   # new optimizer state): fine-tuning, e.g. of a model imported by xclip_jax.interop.convert.
   c.init_from = ""
+  # > 0: the state also keeps a moving average of the parameters (e.g. 0.9999), checkpointed and
+  # evaluated beside them (ema/* results); xclip_jax.load(workdir, ema=True) loads it. ema.py.
+  c.ema_decay = 0.0
 
   # ---- model ------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -256,7 +259,7 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax.objectives import registry  # local: keeps config import light
-  from xclip_jax import optim
+  from xclip_jax import ema, optim
   from xclip_jax.models import vit
 
   if c.method not in registry.METHODS:
@@ -291,6 +294,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optim.warmup_steps={c.optim.warmup_steps} must be below "
                      f"config.total_steps={c.total_steps}.")
   optim.check_schedule(c.optim, c.total_steps)
+  ema.check(c)
   vit.num_kept_patches((c.model.image.image_size // c.model.image.patch_size)**2,
                        c.model.image.patch_dropout)
 

@@ -17,6 +17,7 @@ from absl import logging
 
 from xclip_jax import checkpoint as ckpt_lib
 from xclip_jax import config as config_lib
+from xclip_jax import ema as ema_lib
 from xclip_jax import finetune
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import optim
@@ -111,10 +112,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
                                        keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   start_step = checkpointer.latest_step() or 0
-  counters_base = {}
+  counters_base, saved = {}, {}
   if start_step:     # a workdir holds one run: refuse a config that defines another
+    saved = checkpointer.restore_config(start_step)
     try:
-      changed = resume.check(checkpointer.restore_config(start_step), config, step=start_step,
+      changed = resume.check(saved, config, step=start_step,
                              workdir=workdir, allow_changes=resume_with_changes)
     except resume.ConfigMismatchError:
       checkpointer.close()
@@ -133,17 +135,20 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
   tx, schedule = optim.make_optimizer(config, params)
   method_state = ts.init_method_state(method, config, mesh, config.seed)
   state = ts.init_train_state(params, model_state, tx, mesh, config.seed, method_state)
+  state = ema_lib.add_to_state(state, config)       # config.ema_decay > 0: the parameters' EMA
   state_shardings = ts.shardings_of(state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("Model: %s, %.2fM parameters.", config.method, n_params / 1e6)
 
   if start_step:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
-    state = checkpointer.restore(start_step, ts.abstract_of(state))
+    state = ema_lib.restore(checkpointer.restore, start_step, state, ema_lib.decay_of(saved),
+                            config)
   elif config.init_from:
     # Fine-tuning: only the parameters come from elsewhere; optimizer, step and rng start afresh.
     params = finetune.init_params(config.init_from, state["params"])
     state = ts.init_train_state(params, model_state, tx, mesh, config.seed, method_state)
+    state = ema_lib.add_to_state(state, config)
   if start_step >= config.total_steps:
     logging.info("The checkpoint at step %d already reaches config.total_steps=%d: nothing to do.",
                  start_step, config.total_steps)
