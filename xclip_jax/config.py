@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "xclip_demo"               # TFDS name (optionally name:version)
   c.data.data_dir = ""                     # "" -> TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.split = "train"
+  # Several datasets, weighted: 'NAME:WEIGHT,NAME:WEIGHT|text_key=caption|split=train...' (each
+  # source's own split/image_key/text_key/data_dir after '|'; data/mixture.py). data.name still
+  # names the tokenizer's and the evaluators' default dataset.
+  c.data.mixture = ""
   c.data.image_key = "image"
   c.data.text_key = "captions/text"        # '/' walks nested features; lists get one random caption
   c.data.shuffle_buffer = 10_000

@@ -24,6 +24,7 @@ from xclip_jax import optim
 from xclip_jax import resume
 from xclip_jax import train_state as ts
 from xclip_jax.data import global_batches
+from xclip_jax.data import mixture
 from xclip_jax.data import pipeline
 from xclip_jax.data import synthetic
 from xclip_jax.data import tokenizer as tokenizer_lib
@@ -102,6 +103,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: multihost.
     tokenizer = synthetic.SyntheticTokenizer(config.model.text.vocab_size)
   else:
     pipeline.prepare_dataset(config.data.name, config.data.data_dir or None, config.data.builtin)
+    mixture.prepare_sources(config.data)       # config.data.mixture's datasets, if any
     tokenizer = tokenizer_lib.resolve_tokenizer(config)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size"
