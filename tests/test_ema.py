@@ -123,6 +123,11 @@ def test_train_evaluates_saves_loads_and_resumes_the_ema(demo_dir, tmp_path, mon
   restored = runner.restore(saved, straight, None)[-1]
   _assert_trees_equal(jax.device_get(restored[ema.KEY]), stored_ema)
   _assert_trees_equal(jax.device_get(restored["params"]), per_step[-1])
+  # The export path (python -m xclip_jax.interop.convert --export --ema) writes the average.
+  from xclip_jax.interop import convert, openai_layout  # noqa: PLC0415
+  exported = convert.export_checkpoint(straight, str(tmp_path / "ema.safetensors"), ema=True)
+  for key, value in openai_layout.from_params(stored_ema).items():
+    np.testing.assert_array_equal(exported[key], value)
 
   # SIGTERM after step 2, then the same command: parameters and EMA bitwise those of the
   # uninterrupted run.
