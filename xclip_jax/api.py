@@ -231,11 +231,13 @@ def _as_uint8_rgb(item: Any) -> np.ndarray:
 
 
 def load(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
-         config_overrides: dict[str, Any] | None = None) -> LoadedModel:
+         config_overrides: dict[str, Any] | None = None, ema: bool = False) -> LoadedModel:
   """Restores a workdir's checkpoint (the latest, or `step`) with its tokenizer.
 
   `mesh` defaults to every local device on the data axis; `config_overrides` ({"data.data_dir":
   ...}) adjusts the saved config first, e.g. when the dataset (and so the tokenizer) moved.
+  ema=True loads the moving average of the parameters instead of the parameters (runs trained
+  with config.ema_decay > 0; ValueError otherwise).
   """
   from xclip_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
 
@@ -252,7 +254,7 @@ def load(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | Non
   model_fn = lambda: methods.build_model(config, eos_id=tokenizer.spec.eos_id, seed=config.seed)
   graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
   step, restored = checkpoint.restore_model(
-      workdir, step, {"params": abstract_params, "model_state": abstract_rest})
+      workdir, step, {"params": abstract_params, "model_state": abstract_rest}, ema=ema)
   return LoadedModel(config, step, mesh, graphdef, restored["params"], restored["model_state"],
                      tokenizer)
 

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from xclip_jax import config as config_lib
+from xclip_jax import ema as ema_lib
 from xclip_jax import methods
 from xclip_jax import optim
 from xclip_jax import train_state as ts
@@ -50,8 +51,9 @@ class RunParts:
 
   def with_params(self, params: dict[str, Any]) -> None:
     """Fine-tuning: new parameters, with optimizer, step and rng started afresh."""
-    self.state = ts.init_train_state(params, self.state["model_state"], self.tx, self.mesh,
-                                     self.config.seed, self.state["method_state"])
+    state = ts.init_train_state(params, self.state["model_state"], self.tx, self.mesh,
+                                self.config.seed, self.state["method_state"])
+    self.state = ema_lib.add_to_state(state, self.config)
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
@@ -91,5 +93,6 @@ def build(config: ml_collections.ConfigDict, text_spec: text_spec_lib.TextSpec |
   tx, schedule = optim.make_optimizer(config, params)
   method_state = ts.init_method_state(method, config, mesh, config.seed)
   state = ts.init_train_state(params, model_state, tx, mesh, config.seed, method_state)
+  state = ema_lib.add_to_state(state, config)       # config.ema_decay > 0: the parameters' EMA
   return RunParts(config=config, method=method, mesh=mesh, text_spec=text_spec,
                   host_batch=host_batch, graphdef=graphdef, tx=tx, schedule=schedule, state=state)

@@ -1,7 +1,8 @@
 """Checkpoints through Orbax's CheckpointManager, and `load_params` for notebooks.
 
 Layout under the workdir:
-  checkpoints/<step>/state          the train state as a pure pytree (step, params, opt_state, ...)
+  checkpoints/<step>/state          the train state as a pure pytree (step, params, opt_state, ...,
+                                    ema_params with config.ema_decay > 0)
   checkpoints/<step>/config         the run's config as JSON
   checkpoints/<step>/data_counters  the input pipeline's counters up to <step>, summed over
                                     processes (JSON; data/* metrics continue from them on resume)
@@ -18,6 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from xclip_jax.ema import KEY as EMA_PARAMS   # the state's moving average of the parameters
 
 STATE, CONFIG, COUNTERS = "state", "config", "data_counters"
 ITEMS = (STATE, CONFIG, COUNTERS)
@@ -163,14 +166,28 @@ def _read_subtrees(workdir: str, step: int | None, make_target, make_restore_arg
   return step, restored
 
 
-def load_params(workdir: str, step: int | None = None) -> dict[str, Any]:
+def _stored_params_key(stored: dict, workdir: str, ema: bool) -> str:
+  """The state subtree that holds the parameters asked for: `params`, or its EMA."""
+  if not ema:
+    return "params"
+  if EMA_PARAMS not in stored:
+    raise ValueError(f"The checkpoint under {checkpoint_dir(workdir)} holds no moving average of "
+                     "the parameters (its run had config.ema_decay=0): load the parameters "
+                     "themselves (ema=False), or train with --config.ema_decay=0.9999.")
+  return EMA_PARAMS
+
+
+def load_params(workdir: str, step: int | None = None, *, ema: bool = False) -> dict[str, Any]:
   """The model parameters of a checkpoint as nested dicts of numpy arrays. No mesh needed.
 
-  Reads only the `params` subtree (optimizer moments are skipped), onto the host.
+  Reads only the `params` subtree (optimizer moments are skipped), onto the host; ema=True reads
+  the parameters' moving average instead (runs with config.ema_decay > 0).
   """
-  _, restored = _read_subtrees(workdir, step, lambda tree: {"params": tree["params"]},
-                               lambda _: ocp.RestoreArgs(restore_type=np.ndarray))
-  return restored["params"]
+  key = EMA_PARAMS if ema else "params"
+  _, restored = _read_subtrees(
+      workdir, step, lambda tree: {key: tree[_stored_params_key(tree, workdir, ema)]},
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray))
+  return restored[key]
 
 
 def param_shapes(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -183,16 +200,26 @@ def param_shapes(workdir: str, step: int | None = None) -> tuple[int, dict[str, 
   return step, jax.tree.map(lambda m: tuple(m.shape), tree["params"])
 
 
-def restore_model(workdir: str, step: int | None, abstract: dict[str, Any]) -> tuple[int, dict]:
+def restore_model(workdir: str, step: int | None, abstract: dict[str, Any], *,
+                  ema: bool = False) -> tuple[int, dict]:
   """(step, {"params": ..., "model_state": ...}) restored into the shapes and shardings of
   `abstract` (ShapeDtypeStructs with shardings, e.g. from mesh.abstract_model); the optimizer
   state is not read, nor a subtree `abstract` lacks (init_from reads the params alone). The mesh
-  may differ from the one the run trained on."""
-  step, restored = _read_subtrees(
-      workdir, step,
-      lambda stored: {k: abstract[k] for k in ("params", "model_state")
-                      if k in stored and k in abstract},
+  may differ from the one the run trained on.
+
+  ema=True fills "params" from the parameters' moving average; an "ema_params" entry in
+  `abstract` reads that average as well (both: ValueError if the run kept none)."""
+  sources = {}           # abstract's key -> the stored subtree it is read from
+
+  def target(stored):
+    sources.update({k: "model_state" if k == "model_state" else
+                    _stored_params_key(stored, workdir, ema or k == EMA_PARAMS)
+                    for k in ("params", "model_state", EMA_PARAMS) if k in abstract})
+    return {source: abstract[k] for k, source in sources.items() if source in stored}
+  step, stored = _read_subtrees(
+      workdir, step, target,
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype))
+  restored = {k: stored[source] for k, source in sources.items() if source in stored}
   restored.setdefault("model_state", {})
   return step, restored
 

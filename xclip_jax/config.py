@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A workdir (or <workdir>/checkpoints/<step>) whose model parameters start a fresh run (step 0,
   # new optimizer state): fine-tuning, e.g. of a model imported by xclip_jax.interop.convert.
   c.init_from = ""
+  # > 0: the state also keeps a moving average of the parameters (e.g. 0.9999), checkpointed and
+  # evaluated beside them (ema/* results); xclip_jax.load(workdir, ema=True) loads it. ema.py.
+  c.ema_decay = 0.0
 
   # ---- model ------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -120,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "xclip_demo"               # TFDS name (optionally name:version)
   c.data.data_dir = ""                     # "" -> TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.split = "train"
+  # Several datasets, weighted: 'NAME:WEIGHT,NAME:WEIGHT|text_key=caption|split=train...' (each
+  # source's own split/image_key/text_key/data_dir after '|'; data/mixture.py). data.name still
+  # names the tokenizer's and the evaluators' default dataset.
+  c.data.mixture = ""
   c.data.image_key = "image"
   c.data.text_key = "captions/text"        # '/' walks nested features; lists get one random caption
   c.data.shuffle_buffer = 10_000
@@ -248,7 +255,7 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax import methods  # local: keeps config import light
-  from xclip_jax import optim, param_groups, profiling, tracking
+  from xclip_jax import ema, optim, param_groups, profiling, tracking
   from xclip_jax.models import vit
 
   if c.method not in methods.names():
@@ -283,6 +290,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"config.total_steps={c.total_steps}.")
   optim.check_schedule(c.optim, c.total_steps)
   param_groups.check_config(c)
+  ema.check(c)
   vit.num_kept_patches((c.model.image.image_size // c.model.image.patch_size)**2,
                        c.model.image.patch_dropout)
   tracking.check_config(c)

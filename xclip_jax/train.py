@@ -18,6 +18,7 @@ from absl import logging
 
 from xclip_jax import assembly
 from xclip_jax import checkpoint as ckpt_lib
+from xclip_jax import ema as ema_lib
 from xclip_jax import finetune
 from xclip_jax import metrics as metrics_lib
 from xclip_jax import nonfinite as nonfinite_lib
@@ -105,10 +106,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: multihos
                                        async_save=config.checkpoint.async_save)
   resources.callback(checkpointer.close)   # last to close: waits for a save in flight
   start_step = checkpointer.latest_step() or 0
-  counters_base = {}
+  counters_base, saved = {}, {}
   if start_step:     # a workdir holds one run: refuse a config that defines another
-    changed = resume.check(checkpointer.restore_config(start_step), config, step=start_step,
-                           workdir=workdir, allow_changes=resume_with_changes)
+    saved = checkpointer.restore_config(start_step)
+    changed = resume.check(saved, config, step=start_step, workdir=workdir,
+                           allow_changes=resume_with_changes)
     if changed and jax.process_index() == 0:
       resume.record(workdir, start_step, changed)
     counters_base = checkpointer.restore_counters(start_step)
@@ -122,7 +124,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: multihos
   logging.info("Model: %s, %.2fM parameters.", config.method, parts.num_params / 1e6)
   if start_step:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
-    parts.state = checkpointer.restore(start_step, ts.abstract_of(parts.state))
+    parts.state = ema_lib.restore(checkpointer.restore, start_step, parts.state,
+                                  ema_lib.decay_of(saved), config)
   elif config.init_from:
     # Fine-tuning: only the parameters come from elsewhere; optimizer, step and rng start afresh.
     parts.with_params(finetune.init_params(config.init_from, parts.state["params"]))

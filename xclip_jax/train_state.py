@@ -7,6 +7,7 @@ TrainState is a dict of pure pytrees so that checkpoints hold framework-neutral 
   model_state  nested dict of the model's other variables (e.g. BatchNorm statistics)
   method_state the method's extra state (DeCLIP: the nearest-neighbour queue), or {}
   rng          uint32 PRNG key data, advanced every step
+  ema_params   only with config.ema_decay > 0: the parameters' moving average (ema.py)
 Nothing here knows which method is trained: the objective comes from the registry
 (xclip_jax/methods/).
 """
@@ -22,6 +23,7 @@ import optax
 from flax import nnx
 
 from xclip_jax import accumulate, param_groups
+from xclip_jax import ema as ema_lib
 from xclip_jax import methods
 from xclip_jax.data import device_augment
 from xclip_jax.data import text_spec as text_spec_lib
@@ -102,6 +104,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
     supported = [name for name in methods.names() if methods.get_method(name).accumulation]
     raise ValueError(f"config.accum_steps={accum_steps}: gradient accumulation with cached "
                      f"features supports {supported}, not {method.name!r}.")
+  ema_decay = ema_lib.decay_of(config)
   augment_batch = (device_augment.make_batch_augment(method.views, config.data, int(config.seed))
                    if augment else None)
   stop_frozen = (param_groups.stop_frozen_gradients(config) if stop_frozen_gradients
@@ -156,6 +159,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state, "method_state": method_state,
                  "rng": jax.random.key_data(rng)}
+    if ema_lib.KEY in state:       # present exactly when config.ema_decay > 0 (ema.add_to_state)
+      new_state[ema_lib.KEY] = ema_lib.update(state[ema_lib.KEY], params, new_state["step"],
+                                              ema_decay)
     return new_state, metrics
 
   return train_step

@@ -58,7 +58,10 @@ class TFDSSource:
     self._config = config
     builder = datasets.prepare_dataset(config.data.name, config.data.data_dir or None,
                                        config.data.builtin)
-    self.dataset_size = tracking.split_size(builder, config.data.split)
+    self.dataset_size = (None if config.data.get("mixture")   # epochs of a mixture: undefined
+                         else tracking.split_size(builder, config.data.split))
+    from xclip_jax.data import mixture  # noqa: PLC0415
+    mixture.prepare_sources(config.data)       # config.data.mixture's datasets, if any
     self.tokenizer = tokenizer_lib.resolve_tokenizer(config)
     self.text_spec = self.tokenizer.spec
 

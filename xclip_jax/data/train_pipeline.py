@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from xclip_jax.data import eda
 from xclip_jax.data import image as image_lib
 from xclip_jax.data import datasets
+from xclip_jax.data import mixture
 from xclip_jax.data import view_crops
 from xclip_jax.data import views as views_lib
 from xclip_jax.data.global_batches import STATS_KEY
@@ -69,8 +70,14 @@ def make_train_dataset(config, tokenizer, *, views: views_lib.Views, process_ind
   instead pass a new `seed` and start_step=0 (config.data.exact_resume=False).
   """
   d = config.data
-  builder = datasets.prepare_dataset(d.name, d.data_dir, d.builtin)
   seed = datasets.process_seed(config.seed if seed is None else seed, process_index)
+  if d.get("mixture"):       # several datasets, weighted (data/mixture.py)
+    ds, sources = mixture.make_stream(config, seed=seed, first=start_step * (
+        host_batch_size + d.spare_records), process_index=process_index,
+        process_count=process_count)
+    return host_batches(ds, config, tokenizer, views=views, seed=seed,
+                        host_batch_size=host_batch_size, sources=sources)
+  builder = datasets.prepare_dataset(d.name, d.data_dir, d.builtin)
   split = tfds.even_splits(d.split, n=process_count, drop_remainder=False)[process_index]
   options = datasets.tf_data_options()
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=options)
@@ -98,8 +105,12 @@ def _texts_of(raw: np.ndarray) -> tuple[list[str], int]:
 
 
 def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Views, seed: int,
-                 host_batch_size: int) -> tf.data.Dataset:
+                 host_batch_size: int, sources: list[mixture.Source] | None = None
+                 ) -> tf.data.Dataset:
   """(position, encoded example) pairs -> the train batches of make_train_dataset.
+
+  `sources`: the examples are a mixture's (mixture.make_stream: fixed keys, a source index),
+  and the batches also count per source.
 
   Each batch is built from the next block of host_batch_size + config.data.spare_records
   records: records that cannot be used (DROP_REASONS) are dropped and counted, the first
@@ -109,6 +120,7 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
   """
   d = config.data
   plan = ViewPlan.resolve(views, d)
+  image_key, text_key = (mixture.IMAGE, mixture.TEXT) if sources else (d.image_key, d.text_key)
   size = config.model.image.image_size
   context_length = config.model.text.context_length
   block = host_batch_size + d.spare_records
@@ -123,8 +135,8 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
                                                               n_seeds))
     n_eda = len(plan.eda_keys)
     text_seed, eda_seeds, image_seeds = seeds[0], seeds[1:1 + n_eda], seeds[1 + n_eda:]
-    image_bytes = datasets.get_numpy_field(example, d.image_key)
-    text = datasets.get_caption(example, d.text_key, text_seed)
+    image_bytes = datasets.get_numpy_field(example, image_key)
+    text = datasets.get_caption(example, text_key, text_seed)
     status = tf.where(tf.strings.length(tf.strings.strip(text)) == 0, _EMPTY_CAPTION, _OK)
     if d.max_image_pixels:
       too_large = image_lib.encoded_pixels(image_bytes) > d.max_image_pixels
@@ -135,6 +147,8 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
                                     antialias_above=d.antialias_above)
     out = dict(zip(plan.image_keys, crops))
     out.update({"_text": text, "_status": status})
+    if sources:
+      out[mixture.SOURCE] = example[mixture.SOURCE]
     for key, eda_seed in zip(plan.eda_keys, eda_seeds):
       out[f"_seed_{key}"] = eda_seed[0]
     return out
@@ -147,10 +161,17 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
     records = records.ignore_errors(log_warning=True)
     empty = tf.nest.map_structure(lambda spec: tf.zeros([0] + spec.shape.as_list(), spec.dtype),
                                   records.element_spec)
-    return records.batch(block).concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+    batch = records.batch(block).concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+    if not sources:
+      return batch
+    # The sources of every record of the block, the undecodable ones included.
+    block_sources = tf.data.Dataset.zip(window).map(lambda _, ex: ex[mixture.SOURCE]).batch(block)
+    return tf.data.Dataset.zip(batch, block_sources).map(
+        lambda rows, s: dict(rows, _block_sources=s))
 
   def select(rows):
     status = rows.pop("_status")
+    block_sources = rows.pop("_block_sources", None)
     decoded = tf.shape(status, out_type=tf.int64)[0]
     usable = tf.reshape(tf.where(tf.equal(status, _OK)), [-1])
     count = tf.size(usable, out_type=tf.int64)
@@ -171,6 +192,11 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
         "empty_caption": tf.reduce_sum(tf.cast(status == _EMPTY_CAPTION, tf.int64)),
         "too_large_image": tf.reduce_sum(tf.cast(status == _TOO_LARGE, tf.int64)),
         "duplicated": tf.maximum(host_batch_size - count, 0)}
+    if sources:
+      out[STATS_KEY].update(mixture.source_counters(
+          [s.label for s in sources], block_sources, rows[mixture.SOURCE], status,
+          out.pop(mixture.SOURCE), {"empty_caption": _EMPTY_CAPTION,
+                                    "too_large_image": _TOO_LARGE}))
     for k, v in out.items():
       if k != STATS_KEY:
         v.set_shape([host_batch_size] + v.shape.as_list()[1:])

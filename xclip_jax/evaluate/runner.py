@@ -40,15 +40,21 @@ def build_evaluators(config, tokenizer, mesh: jax.sharding.Mesh, graphdef: Any) 
 
 
 def run_evaluators(evaluators: list[Any], state: dict[str, Any]) -> dict[str, float]:
+  """Every evaluator on `state`'s params; where the state has an EMA of them (config.ema_decay),
+  on that too, under ema/<key> beside each raw result."""
+  from xclip_jax import ema  # noqa: PLC0415
   results = {}
   for evaluator in evaluators:
     results.update(evaluator.evaluate(state["params"], state["model_state"]))
+    if ema.KEY in state:
+      results.update(ema.prefixed(evaluator.evaluate(state[ema.KEY], state["model_state"])))
   return results
 
 
 def restore(config, workdir: str, step: int | None):
-  """(step, tokenizer, mesh, graphdef, {"params", "model_state"}) of a workdir's checkpoint."""
-  from xclip_jax import checkpoint  # noqa: PLC0415
+  """(step, tokenizer, mesh, graphdef, {"params", "model_state"[, "ema_params"]}) of a workdir's
+  checkpoint; "ema_params" where the run kept an EMA (config.ema_decay > 0)."""
+  from xclip_jax import checkpoint, ema  # noqa: PLC0415
   from xclip_jax import methods  # noqa: PLC0415
   from xclip_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
   from xclip_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
@@ -57,8 +63,10 @@ def restore(config, workdir: str, step: int | None):
   tokenizer = tokenizer_lib.resolve_tokenizer(config)
   model_fn = lambda: methods.build_model(config, eos_id=tokenizer.spec.eos_id, seed=config.seed)
   graphdef, abstract_params, abstract_rest = mesh_lib.abstract_model(model_fn, mesh)
-  step, restored = checkpoint.restore_model(
-      workdir, step, {"params": abstract_params, "model_state": abstract_rest})
+  abstract = {"params": abstract_params, "model_state": abstract_rest}
+  if ema.decay_of(config) > 0:      # evaluated beside the parameters, as in the train loop
+    abstract[ema.KEY] = abstract_params
+  step, restored = checkpoint.restore_model(workdir, step, abstract)
   return step, tokenizer, mesh, graphdef, restored
 
 

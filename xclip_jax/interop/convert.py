@@ -15,7 +15,7 @@ optimiser); the model fields are always the checkpoint's.
 
 Export (OpenAI key layout, loadable by open_clip and OpenAI's model.py `build_model`):
   python -m xclip_jax.interop.convert --export --workdir=W --output=model.safetensors \
-      [--step=N] [--dtype=float32|float16]
+      [--step=N] [--dtype=float32|float16] [--ema]   (--ema: the parameters' moving average)
 """
 
 from __future__ import annotations
@@ -80,15 +80,16 @@ def import_checkpoint(input_path: str, workdir: str, *, bpe_vocab: str = "",
 
 
 def export_checkpoint(workdir: str, output: str, *, step: int | None = None,
-                      dtype: str = "float32") -> dict[str, np.ndarray]:
-  """Writes `workdir`'s parameters as an OpenAI-layout safetensors file; returns what it wrote."""
+                      dtype: str = "float32", ema: bool = False) -> dict[str, np.ndarray]:
+  """Writes `workdir`'s parameters (ema=True: their moving average, config.ema_decay) as an
+  OpenAI-layout safetensors file; returns what it wrote."""
   import ml_dtypes  # noqa: F401  (numpy's 'bfloat16')
   from safetensors.numpy import save_file
 
   from xclip_jax import checkpoint
   from xclip_jax.interop import openai_layout
 
-  params = checkpoint.load_params(workdir, step)
+  params = checkpoint.load_params(workdir, step, ema=ema)
   config = checkpoint.saved_config(workdir, step)
   state = {k: v.astype(dtype) for k, v in openai_layout.from_params(params).items()}
   extra = sorted(k for k in params if k not in ("image", "text", "logit_scale"))
@@ -116,6 +117,8 @@ def _define_flags() -> None:
   flags.DEFINE_bool("export", False, "Export --workdir to --output instead of importing.")
   flags.DEFINE_string("output", None, "Exported .safetensors file.")
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_bool("ema", False, "Export the parameters' moving average (runs trained with "
+                    "--config.ema_decay).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
                     "Exported weights' dtype (OpenAI released float16).")
   config_flags.DEFINE_config_file(
@@ -132,7 +135,7 @@ def main(argv):
   if f.export:
     if not f.output:
       raise app.UsageError("--export needs --output=FILE.safetensors.")
-    state = export_checkpoint(f.workdir, f.output, step=f.step, dtype=f.dtype)
+    state = export_checkpoint(f.workdir, f.output, step=f.step, dtype=f.dtype, ema=f.ema)
     print(f"Wrote {f.output}: {len(state)} tensors, "
           f"{sum(v.size for v in state.values()) / 1e6:.2f}M parameters ({f.dtype}).")
     return
