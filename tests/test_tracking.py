@@ -8,6 +8,7 @@ import logging as logging_std
 import os
 import shutil
 import struct
+import time
 import sys
 
 import numpy as np
@@ -178,7 +179,11 @@ def test_wandb_writer_logs_offline_and_a_resume_keeps_the_run_id(offline_wandb, 
   assert w.run.id == run_id                         # the same W&B run continues
   w.write_scalars(3, {"loss": 1.5})
   w.close()
-  history = _wandb_history(offline_wandb)
+  # W&B's service process writes the record file; on a loaded machine it may land a moment
+  # after finish() returns.
+  deadline = time.time() + 30
+  while 3 not in (history := _wandb_history(offline_wandb)) and time.time() < deadline:
+    time.sleep(0.2)
   assert {k: {n: v for n, v in h.items() if not n.startswith("_")}
           for k, h in history.items()} == {1: {"loss": 2.5, "lr": 0.125}, 2: {"loss": 2.0},
                                            3: {"loss": 1.5}}
