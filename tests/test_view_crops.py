@@ -164,7 +164,8 @@ def _encode_cmyk(array):
 
 def _count_decodes(monkeypatch):
   calls = []
-  real_crop, real_image = tf.io.decode_and_crop_jpeg, tf.io.decode_image
+  real_crop, real_image, real_jpeg = (tf.io.decode_and_crop_jpeg, tf.io.decode_image,
+                                      tf.io.decode_jpeg)
 
   def crop(*args, **kwargs):
     calls.append(("decode_and_crop_jpeg", kwargs.get("ratio", 1)))
@@ -174,29 +175,42 @@ def _count_decodes(monkeypatch):
     calls.append(("decode_image", 1))
     return real_image(*args, **kwargs)
 
+  def jpeg(*args, **kwargs):
+    calls.append(("decode_jpeg", kwargs.get("ratio", 1)))
+    return real_jpeg(*args, **kwargs)
+
   monkeypatch.setattr(tf.io, "decode_and_crop_jpeg", crop)
   monkeypatch.setattr(tf.io, "decode_image", image)
-  monkeypatch.setattr(tf.io, "decode_jpeg", lambda *a, **k: calls.append(("decode_jpeg", 1)))
+  monkeypatch.setattr(tf.io, "decode_jpeg", jpeg)
   monkeypatch.setattr(tf.io, "decode_png", lambda *a, **k: calls.append(("decode_png", 1)))
   return calls
 
 
-def test_every_view_of_a_jpeg_comes_from_one_window_decode(monkeypatch):
+@pytest.mark.parametrize("decode", ["window", "whole"])
+def test_every_view_of_a_jpeg_comes_from_one_decode(monkeypatch, decode):
   photo = _photo(300, 400)
   jpeg = _encode(photo, quality=95)
   uniforms, scales = _uniforms(3), [(0.9, 1.0), (0.2, 1.0), (0.2, 1.0)]
+  # The union of these crops covers most of the photo: the cost rule decodes it whole; an
+  # overhead below any saving forces the window decode.
+  overhead = {"window": -1.0, "whole": view_crops.WINDOW_OVERHEAD}[decode]
+  monkeypatch.setattr(view_crops, "WINDOW_OVERHEAD", overhead)
   calls = _count_decodes(monkeypatch)       # eager: only the branch taken runs
   views = view_crops.decode_views(jpeg, uniforms, scales, 160)   # no DCT scaling
-  assert calls == [("decode_and_crop_jpeg", 1)]
+  assert calls == [{"window": ("decode_and_crop_jpeg", 1), "whole": ("decode_jpeg", 1)}[decode]]
   monkeypatch.undo()
   assert [v.shape for v in views] == [(160, 160, 3)] * 3 and views[0].dtype == np.uint8
-  # Each view is its own crop of the SAME decoded union window (reference: decode the union
-  # window, cut each box out, resize).
+  # Each view is its own crop of the SAME decoded region (reference: decode the union window,
+  # or the whole image, cut each box out, resize).
   boxes = view_crops.window_from_uniforms(300, 400, uniforms, scales)
   top, left = boxes[:, 0].min(), boxes[:, 1].min()
   bottom, right = (boxes[:, 0] + boxes[:, 2]).max(), (boxes[:, 1] + boxes[:, 3]).max()
-  union = tf.io.decode_and_crop_jpeg(jpeg, [top, left, bottom - top, right - left],
-                                     channels=3).numpy()
+  if decode == "window":
+    union = tf.io.decode_and_crop_jpeg(jpeg, [top, left, bottom - top, right - left],
+                                       channels=3).numpy()
+  else:
+    top = left = 0
+    union = tf.io.decode_jpeg(jpeg, channels=3).numpy()
   for view, (t, l, h, w) in zip(views, boxes):
     crop = union[t - top:t - top + h, l - left:l - left + w]
     shrinks = max(h, w) > view_crops.ANTIALIAS_ABOVE * 160
@@ -239,7 +253,7 @@ def test_large_jpeg_is_dct_scaled_and_still_crops_the_same_region(monkeypatch):
   jpeg = _encode(photo, quality=95)
   calls = _count_decodes(monkeypatch)
   view = view_crops.decode_views(jpeg, _uniforms(1), [(0.9, 1.0)], 224)[0]
-  assert calls == [("decode_and_crop_jpeg", 4)]        # every side >= 4 * 224: scaled by 1/4
+  assert calls == [("decode_jpeg", 4)]        # every side >= 4 * 224: scaled by 1/4, all of it
   monkeypatch.undo()
   t, l, h, w = view_crops.window_from_uniforms(1024, 1280, _uniforms(1), [(0.9, 1.0)])[0]
   want = tf.image.resize(photo[t:t + h, l:l + w].astype(np.float32), [224, 224],
@@ -248,7 +262,39 @@ def test_large_jpeg_is_dct_scaled_and_still_crops_the_same_region(monkeypatch):
   # A small second view keeps the decode at full size (its crop must not be enlarged twice).
   calls = _count_decodes(monkeypatch)
   view_crops.decode_views(jpeg, _uniforms(2), [(0.9, 1.0), (0.01, 0.02)], 224)
-  assert calls == [("decode_and_crop_jpeg", 1)]
+  assert len(calls) == 1 and calls[0][1] == 1
+
+
+def test_a_window_is_decoded_only_where_it_saves_more_than_its_overhead():
+  # 400 x 300 JPEG, one view, output 224 px (no DCT scaling: kinds 0 / WHOLE).
+  def kind_of(box):
+    uniforms = np.zeros((1, 1, 4, view_crops.ATTEMPTS))
+    t, l, h, w = box       # uniforms that draw exactly this box: area, aspect, top, left
+    uniforms[0, 0, 0] = h * w / (400 * 300)
+    uniforms[0, 0, 1] = (np.log(w / h) - np.log(3 / 4)) / (np.log(4 / 3) - np.log(3 / 4))
+    uniforms[0, 0, 2] = (t + 0.5) / (400 - h + 1)
+    uniforms[0, 0, 3] = (l + 0.5) / (300 - w + 1)
+    kinds, windows, boxes = view_crops.plan_decodes([400], [300], [True], [True], uniforms,
+                                                    [(0.0, 1.0)], 224)
+    return int(kinds[0]), windows[0].tolist(), boxes[0, 0].tolist()
+  # The top 40%: rows below the window save 0.8 * 0.6 = 0.48 of a whole decode > 0.1.
+  assert kind_of((0, 0, 160, 160)) == (0, [0, 0, 160, 160], [0, 0, 160, 160])
+  # Down to the last row and 80% of the columns: saves 0.2 * 0.2 = 0.04 <= 0.1: whole.
+  assert kind_of((80, 60, 320, 240)) == (view_crops.WHOLE, [0, 0, 400, 300], [80, 60, 320, 240])
+  # Down to the last row, 60% of the area: saves 0.2 * 0.4 = 0.08: whole.
+  assert kind_of((100, 40, 300, 240))[0] == view_crops.WHOLE
+  # A quarter at the top left: 0.8 * 0.5 + 0.2 * 0.25 = 0.45: the window.
+  assert kind_of((0, 0, 200, 150))[0] == 0
+  # A truncated file is decoded to its last row (see the truncated-JPEG test): a narrow crop at
+  # the top becomes a full-height strip, which saves only 0.2 of the columns beside it.
+  uniforms = np.full((1, 1, 4, view_crops.ATTEMPTS), 0.01)
+  for complete, want in ((True, 0), (False, 0)):
+    kinds, windows, _ = view_crops.plan_decodes([400], [300], [True], [complete], uniforms,
+                                                [(0.0, 0.1)], 224)
+    assert kinds[0] == want and (windows[0, 0] + windows[0, 2] == 400) == (not complete)
+  kinds, windows, _ = view_crops.plan_decodes([400], [300], [True], [False], uniforms,
+                                              [(0.5, 0.6)], 224)
+  assert kinds[0] == view_crops.WHOLE and windows[0].tolist() == [0, 0, 400, 300]
 
 
 def test_a_truncated_jpeg_fails_even_when_the_crop_lies_above_the_damage():

@@ -39,7 +39,7 @@ from xclip_jax.data.global_batches import STATS_KEY
 DROP_REASONS = ("undecodable_image", "empty_caption", "too_large_image")
 # A record's status; _ABSENT pads a block's last chunk (no record there, nothing counted).
 _OK, _EMPTY_CAPTION, _TOO_LARGE, _UNDECODABLE, _ABSENT = 0, 1, 2, 3, 4
-# Records processed together (planned, decoded in one loop, resized in one call): large enough
+# Records processed together (planned, decoded in one graph, resized in one call): large enough
 # that the fixed costs per chunk vanish, small enough that the chunks in flight (one per
 # tf.data thread) hold little memory.
 CHUNK_RECORDS = 128
@@ -213,7 +213,7 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
   features must batch (make_train_dataset reads only the image and the text).
 
   A block is cut into chunks of at most CHUNK_RECORDS records, each processed as a whole (one
-  numpy plan, one decode loop, one batched resize: no per-record tf.data stage). A decode that
+  numpy plan, one graph of decodes, one batched resize: no per-record tf.data stage). A decode that
   fails fails its chunk's loop; the chunk is then redone with each record decoded alone first
   (tf.data's ignore_errors drops the ones that fail, with a warning naming the error), which
   finds the same records every time: the batches stay a function of (seed, position).
@@ -259,8 +259,9 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
     names = ("status", "kinds", "windows", "boxes", "probe", "text", "eda_seeds")
     return dict(zip(names, outs), image=c["image"], bits=bits)
 
-  def resize(pixels, sizes, kinds, boxes, bits, status):
-    return view_crops.resize_views(pixels, sizes, kinds, boxes, words.uniforms(bits), scales,
+  def resize(*args):
+    decoded, (kinds, boxes, bits, status) = args[:chunk], args[chunk:]
+    return view_crops.resize_views(decoded, kinds, boxes, words.uniforms(bits), scales,
                                    np.flatnonzero(status == _OK), size, d.antialias_above)
 
   def process_chunk(c):
@@ -280,8 +281,8 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
     def finish(failed):
       status = tf.where(failed, _UNDECODABLE, c["status"])
       kinds = tf.where(status == _OK, c["kinds"], view_crops.SKIP)
-      pixels, sizes = view_crops.decode_windows(c["image"], kinds, c["windows"])
-      images = tf.numpy_function(resize, [pixels, sizes, kinds, c["boxes"], c["bits"], status],
+      decoded = view_crops.decode_windows(c["image"], kinds, c["windows"])
+      images = tf.numpy_function(resize, [*decoded, kinds, c["boxes"], c["bits"], status],
                                  [tf.uint8] * words.n_views, stateful=False)
       out = {"_text": c["text"], "_status": status}
       for key, image in zip(plan.image_keys, images):
@@ -326,7 +327,11 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
   ds = ds.map(plan_chunk, num_parallel_calls=parallel, deterministic=True)
   ds = ds.interleave(process_chunk, cycle_length=parallel, block_length=1,
                      num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(n_chunks).map(select, num_parallel_calls=parallel)
+  if n_chunks == 1:      # a block of one chunk: no batch, which would copy every pixel
+    ds = ds.map(lambda rows: tf.nest.map_structure(lambda v: v[None], rows))
+  else:
+    ds = ds.batch(n_chunks)
+  ds = ds.map(select, num_parallel_calls=parallel)
 
   # ---- text: one SentencePiece call per batch per text view -----------------------------------
   def tokenize(raw: np.ndarray):

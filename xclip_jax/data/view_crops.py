@@ -4,7 +4,7 @@ Everything else a view needs (flip, colour jitter, grayscale, blur, normalisatio
 and runs on the accelerator (data/device_augment.py); the host does only what needs the bytes.
 The work is split by what each step costs per record, so that a record pays for its decode and
 its resizes and little else (TF graph ops cost ~3 us each per record; numpy over a chunk of
-records, and one in-graph loop, cost that once per chunk):
+records, and one graph of a chunk's decodes, cost that once per chunk):
 
   1. `plan_decodes` (numpy, a whole chunk at once): each view's crop window drawn with
      torchvision's RandomResizedCrop rule (`window_from_uniforms`: scale, aspect ratio in
@@ -12,11 +12,14 @@ records, and one in-graph loop, cost that once per chunk):
      in its header (image.header_size), and what to decode: the union of the views' windows,
      and for a large JPEG, where every view's crop is at least 2x, 4x or 8x the output size on
      both sides, the DCT scaling libjpeg can apply by that factor (cheaper than decoding at full
-     size and resizing, and a proper low-pass filter);
-  2. `decode_windows` (TF, one while_loop per chunk): ONE decode per record,
+     size and resizing, and a proper low-pass filter); where the window saves too little
+     (most of the image, as a CLIP crop on 256 px sources is: see WINDOW_OVERHEAD), the whole
+     image instead, at the same scaling, the crops cut from it as torchvision cuts them;
+  2. `decode_windows` (TF, one decode op per record of the chunk): ONE decode per record,
      `tf.io.decode_and_crop_jpeg` of the union window (rows and columns outside it are not
-     converted). PNG, GIF, BMP and WebP have no partial decoding: one full decode, and their
-     windows are drawn from the decoded size with the same uniforms;
+     converted) or `tf.io.decode_jpeg` of the whole image. PNG, GIF, BMP and WebP have no
+     partial decoding: one full decode, and their windows are drawn from the decoded size
+     with the same uniforms;
   3. `resize_views` (numpy, the chunk at once): each view's crop cut from its record's decoded
      window and resized to [size, size], uint8: bilinear with half-pixel centres (OpenCV's
      INTER_LINEAR, 11-bit fixed-point weights: within 1 level of the exact value) where a crop
@@ -57,10 +60,19 @@ UNIFORMS_PER_VIEW = 4 * ATTEMPTS
 ANTIALIAS_ABOVE = 2.0
 # libjpeg's DCT scaling factors (tf.io.decode_and_crop_jpeg's `ratio`).
 DCT_RATIOS = (1, 2, 4, 8)
-# Decode kinds: 0..3 a JPEG window at DCT_RATIOS[kind]; OTHER a non-JPEG decoded whole; SKIP
-# nothing (a record already dropped).
-OTHER = len(DCT_RATIOS)
+# Decode kinds: 0..3 a JPEG window at DCT_RATIOS[kind]; WHOLE + 0..3 a whole JPEG at that
+# ratio; OTHER a non-JPEG decoded whole; SKIP nothing (a record already dropped).
+WHOLE = len(DCT_RATIOS)
+OTHER = 2 * len(DCT_RATIOS)
 SKIP = OTHER + 1
+# When a JPEG's window is decoded rather than the whole image: libjpeg's cropped decode still
+# entropy-decodes every row above the window's bottom (it skips the IDCT and colour conversion
+# of the rest), and TF copies its rows out of a scratch buffer. Measured on 256-384 px photos
+# (CPU per record, libjpeg-turbo in TF): a window spanning the whole image costs ~10% more than
+# a whole decode; rows below the window save ~80% of their share, columns beside it ~20%. So
+# the window is decoded only where ROW_SAVING * (rows below) + COLUMN_SAVING * (rest of the
+# area outside it), as fractions of the image, exceed WINDOW_OVERHEAD.
+ROW_SAVING, COLUMN_SAVING, WINDOW_OVERHEAD = 0.8, 0.2, 0.1
 
 # The parallelism comes from tf.data (chunks in flight), not from threads inside one resize.
 cv2.setNumThreads(1)
@@ -115,10 +127,10 @@ def plan_decodes(heights, widths, is_jpeg, complete, uniforms, scales, size: int
 
   heights, widths: [B] image sizes from the headers; is_jpeg, complete (ends with the
   end-of-image marker): [B] bool; uniforms: [B, V, 4, ATTEMPTS]; scales: [V, 2].
-  Returns (kinds [B] int32: DCT ratio index for a JPEG, OTHER otherwise; windows [B, 4] int32:
-  the JPEG window to decode, in DCT-scaled pixels; boxes [B, V, 4] int32: each view's crop in
-  that decoded window). Non-JPEG rows get full-size boxes; resize_views redraws theirs from the
-  decoded size.
+  Returns (kinds [B] int32: DCT ratio index for a JPEG window, WHOLE + that index for a whole
+  JPEG, OTHER otherwise; windows [B, 4] int32: the JPEG region to decode, in DCT-scaled pixels
+  (all of it for WHOLE); boxes [B, V, 4] int32: each view's crop in that decoded region).
+  Non-JPEG rows get full-size boxes; resize_views redraws theirs from the decoded size.
   """
   heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
   boxes = window_from_uniforms(heights[:, None], widths[:, None], uniforms, scales
@@ -127,6 +139,13 @@ def plan_decodes(heights, widths, is_jpeg, complete, uniforms, scales, size: int
   bottom = (boxes[..., 0] + boxes[..., 2]).max(1)
   right = (boxes[..., 1] + boxes[..., 3]).max(1)
   bottom = np.where(complete, bottom, heights)                    # see the module docstring
+  image_area = (heights * widths).astype(np.float64)
+  saving = (ROW_SAVING * (heights - bottom) * widths
+            + COLUMN_SAVING * (image_area - (heights - bottom) * widths
+                               - (bottom - top) * (right - left))) / image_area
+  whole = saving <= WINDOW_OVERHEAD
+  top, left = np.where(whole, 0, top), np.where(whole, 0, left)
+  bottom, right = np.where(whole, heights, bottom), np.where(whole, widths, right)
   # DCT scaling by the largest factor that leaves every view's crop at least `size` a side.
   min_side = boxes[..., 2:].min(axis=(1, 2))
   dct = sum((min_side >= size * r).astype(np.int64) for r in DCT_RATIOS[1:])
@@ -145,7 +164,7 @@ def plan_decodes(heights, widths, is_jpeg, complete, uniforms, scales, size: int
   b3 = np.minimum(up(boxes[..., 1] + boxes[..., 3], r), x1) - x0 - b1
   jpeg_boxes = np.stack([b0, b1, b2, b3], -1)
   is_jpeg = np.asarray(is_jpeg, bool)
-  kinds = np.where(is_jpeg, dct, OTHER).astype(np.int32)
+  kinds = np.where(is_jpeg, np.where(whole, WHOLE + dct, dct), OTHER).astype(np.int32)
   return (kinds, np.where(is_jpeg[:, None], windows, 0).astype(np.int32),
           np.where(is_jpeg[:, None, None], jpeg_boxes, boxes).astype(np.int32))
 
@@ -157,6 +176,7 @@ def decode_one(encoded: tf.Tensor, kind: tf.Tensor, window: tf.Tensor) -> tf.Ten
   InvalidArgumentError) on bytes that do not decode, like tf.io.decode_image."""
   branches = [lambda r=r: tf.io.decode_and_crop_jpeg(encoded, window, channels=3, ratio=r)
               for r in DCT_RATIOS]
+  branches += [lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r) for r in DCT_RATIOS]
   branches.append(lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
   branches.append(lambda: tf.zeros([0, 0, 3], tf.uint8))
   decoded = tf.switch_case(kind, branches)
@@ -164,25 +184,20 @@ def decode_one(encoded: tf.Tensor, kind: tf.Tensor, window: tf.Tensor) -> tf.Ten
   return decoded
 
 
-def decode_windows(images: tf.Tensor, kinds: tf.Tensor, windows: tf.Tensor
-                   ) -> tuple[tf.Tensor, tf.Tensor]:
-  """[B] encoded images, [B] decode kinds, [B, 4] windows -> (every record's decoded window,
-  flattened and concatenated: uint8 [sum h * w * 3]; their sizes [B, 2] int32).
+def decode_windows(images: tf.Tensor, kinds: tf.Tensor, windows: tf.Tensor) -> list[tf.Tensor]:
+  """[B] encoded images (B static), [B] decode kinds, [B, 4] windows -> B decoded windows,
+  uint8 [h, w, 3] each.
 
-  One in-graph loop for the chunk: a decode per record and no other per-record op. A failing
-  decode fails the whole call (the train pipeline then finds the record that failed).
+  One decode op per record in the graph and no other per-record op: no loop, so no loop
+  variables and no concatenation that would copy every decoded pixel once more (a while_loop
+  with a TensorArray cost ~40 us per record above its decodes). A failing decode fails the
+  whole call (the train pipeline then finds the record that failed).
   """
-  n = tf.shape(images)[0]
-
-  def body(i, pixels, sizes):
-    decoded = decode_one(images[i], kinds[i], windows[i])
-    return (i + 1, pixels.write(i, tf.reshape(decoded, [-1])),
-            sizes.write(i, tf.shape(decoded, out_type=tf.int32)[:2]))
-
-  pixels = tf.TensorArray(tf.uint8, size=n, infer_shape=False, element_shape=[None])
-  sizes = tf.TensorArray(tf.int32, size=n, element_shape=[2])
-  _, pixels, sizes = tf.while_loop(lambda i, *_: i < n, body, (0, pixels, sizes))
-  return pixels.concat(), sizes.stack()
+  n = images.shape[0]
+  if n is None:
+    raise ValueError("decode_windows needs a static number of records.")
+  return [decode_one(e, k, w) for e, k, w in
+          zip(tf.unstack(images, n), tf.unstack(kinds, n), tf.unstack(windows, n))]
 
 
 # ---- resize ------------------------------------------------------------------------------------
@@ -202,27 +217,30 @@ def resize_crop(crop: np.ndarray, size: int, antialias: bool = False,
   return cv2.resize(crop, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
 
 
-def resize_views(pixels: np.ndarray, sizes: np.ndarray, kinds: np.ndarray, boxes: np.ndarray,
+def resize_views(decoded: Sequence[np.ndarray], kinds: np.ndarray, boxes: np.ndarray,
                  uniforms: np.ndarray, scales, rows, size: int,
                  antialias_above: float = ANTIALIAS_ABOVE) -> list[np.ndarray]:
-  """decode_windows' output -> one uint8 [B, size, size, 3] array per view.
+  """decode_windows' output (B uint8 [h, w, 3]) -> one uint8 [B, size, size, 3] array per view.
 
   Only `rows` (indices) are resized; the other rows stay zero. Non-JPEG rows (kind OTHER) get
   their boxes drawn here from the decoded size, with the same uniforms [B, V, 4, ATTEMPTS].
   """
   n, n_views = boxes.shape[:2]
-  outs = [np.zeros((n, size, size, 3), np.uint8) for _ in range(n_views)]
-  ends = np.cumsum(sizes[:, 0].astype(np.int64) * sizes[:, 1] * 3)
   rows = np.asarray(rows, np.int64)
+  # Written once each: the resized rows by the resize, the others zeroed here.
+  outs = [np.empty((n, size, size, 3), np.uint8) for _ in range(n_views)]
+  unused = np.setdiff1d(np.arange(n), rows)
+  for out in outs:
+    out[unused] = 0
   boxes = boxes.copy()
   other = rows[kinds[rows] == OTHER]
   if other.size:
-    boxes[other] = window_from_uniforms(sizes[other, 0, None], sizes[other, 1, None],
-                                        uniforms[other], scales)
+    sizes = np.array([decoded[i].shape[:2] for i in other.tolist()], np.int64)
+    boxes[other] = window_from_uniforms(sizes[:, 0, None], sizes[:, 1, None], uniforms[other],
+                                        scales)
   limit = int(antialias_above * size)
   for i in rows.tolist():
-    h, w = int(sizes[i, 0]), int(sizes[i, 1])
-    window = pixels[ends[i] - h * w * 3:ends[i]].reshape(h, w, 3)
+    window = decoded[i]
     for v in range(n_views):
       t, l, bh, bw = boxes[i, v].tolist()
       resize_crop(window[t:t + bh, l:l + bw], size, max(bh, bw) > limit, outs[v][i])
@@ -246,8 +264,7 @@ def decode_views(encoded: bytes, uniforms, scales: Sequence[Sequence[float]], si
   kinds, windows, boxes = plan_decodes([max(height, 1)], [max(width, 1)], is_jpeg,
                                        [encoded.endswith(image_lib.JPEG_END)], uniforms,
                                        scales, size)
-  pixels, sizes = decode_windows(tf.constant([encoded]), tf.constant(kinds),
-                                 tf.constant(windows))
-  outs = resize_views(pixels.numpy(), sizes.numpy(), kinds, boxes, uniforms, scales, [0], size,
+  decoded = decode_windows(tf.constant([encoded]), tf.constant(kinds), tf.constant(windows))
+  outs = resize_views([d.numpy() for d in decoded], kinds, boxes, uniforms, scales, [0], size,
                       antialias_above)
   return [out[0] for out in outs]
