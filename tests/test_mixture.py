@@ -170,6 +170,25 @@ def test_same_seed_same_batches_and_resume_at_step_k(sources):
       assert a[global_batches.STATS_KEY] == b[global_batches.STATS_KEY]
 
 
+def test_chunked_blocks_carry_each_records_source_and_count_it_alike(sources, monkeypatch):
+  """The source index travels through the host pipeline's chunks as a column: blocks cut into
+  chunks (the last one padded) give the same rows and the same per-source counters."""
+  _, _, tokenizer = sources
+  config = _config(sources)
+  whole = _batches(config, tokenizer, 10)
+  monkeypatch.setattr(train_pipeline, "CHUNK_RECORDS", 3)  # blocks of 10: 4 chunks, 2 padded
+  chunked = _batches(config, tokenizer, 10)
+  for a, b in zip(whole, chunked, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["text"], b["text"])
+    assert a[global_batches.STATS_KEY] == b[global_batches.STATS_KEY]
+    assert sum(int(b[global_batches.STATS_KEY][f"source/{s}/records"])
+               for s in ("alpha", "beta", "xclip_demo")) == BLOCK     # padding not counted
+  bad = sum(int(b[global_batches.STATS_KEY][f"source/beta/{r}"]) for b in chunked
+            for r in ("undecodable_image", "empty_caption"))
+  assert bad > 0
+
+
 def test_a_wrong_source_key_names_the_source_and_the_fix(sources):
   _, spec, tokenizer = sources
   config = _config(sources, mixture=spec.replace("captions/text", "caption"))

@@ -54,7 +54,7 @@ def cached_records(config, records: int) -> tf.data.Dataset:
   d = config.data
   builder = datasets.prepare_dataset(d.name, d.data_dir, d.builtin)
   ds = builder.as_dataset(split=d.split, shuffle_files=False,
-                          decoders=datasets.skip_decoding(d.image_key))
+                          decoders=datasets.read_only(builder, d.image_key, d.text_key))
   ds = ds.take(records).cache()
   count = sum(1 for _ in ds)   # fills the cache
   if count == 0:

@@ -142,6 +142,24 @@ def skip_decoding(image_key: str) -> dict:
   return decoders
 
 
+def read_only(builder: tfds.core.DatasetBuilder, image_key: str, text_key: str, *,
+              fix: str = "check config.data.image_key / text_key") -> tfds.decode.PartialDecoding:
+  """TFDS decoders that parse only the image (left encoded) and the text of each example.
+  A path that is not a feature raises a KeyError naming the features there, then `fix`."""
+  wanted: dict = {}
+  for path in (image_key, text_key):
+    feature, node = builder.info.features, wanted
+    parts = path.split("/")
+    for depth, part in enumerate(parts):
+      if part not in getattr(feature, "keys", lambda: ())():
+        known = sorted(feature.keys()) if hasattr(feature, "keys") else type(feature).__name__
+        raise KeyError(f"Feature path {path!r} of {builder.name}: no {part!r} among {known}; "
+                       f"{fix}.")
+      feature = feature[part]
+      node = node.setdefault(part, True if depth == len(parts) - 1 else {})
+  return tfds.decode.PartialDecoding(wanted, decoders=skip_decoding(image_key))
+
+
 def tf_data_options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True                       # same seed -> same batches

@@ -1,7 +1,10 @@
-"""Image ops for tf.data: decode, header sizes, normalisation (the eval transforms: eval_image.py).
+"""Image ops for the input pipelines: decode, header sizes, normalisation (the eval transforms:
+eval_image.py).
 
-Pure functions of tf.Tensors. The train views' crops (one decode per record) are in
-view_crops.py; their per-pixel augmentation runs on the device (device_augment.py).
+`decode` and `normalize` are functions of tf.Tensors; the header readers take the encoded bytes
+(Python, a microsecond per record: the train pipeline reads them for a chunk of records at once).
+The train views' crops (one decode per record) are in view_crops.py; their per-pixel
+augmentation runs on the device (device_augment.py).
 """
 
 from __future__ import annotations
@@ -19,39 +22,66 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# A valid 1x1 JPEG: stand-in bytes where a JPEG header is read from something that is no JPEG.
-TINY_JPEG = bytes.fromhex(
-    "ffd8ffe000104a46494600010101012c012c0000ffdb00430050373c463c32504641465a55505f78c882786e"
-    "6e78f5afb991c8ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"
-    "ffffc0000b080001000101011100ffc4001f0000010501010101010100000000000000000102030405060708"
-    "090a0bffc400b5100002010303020403050504040000017d0102030004110512213141061351610722711432"
-    "8191a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a43444546474849"
-    "4a535455565758595a636465666768696a737475767778797a838485868788898a92939495969798999aa2a3"
-    "a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9ea"
-    "f1f2f3f4f5f6f7f8f9faffda0008010100003f00a55fffd9")
-# A valid 1x1 PNG: stand-in bytes where a header field is read from something that is no PNG.
-_TINY_PNG = bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415478"
-    "9c63f8cfc0000003010100c9fe92ef0000000049454e44ae426082")
+JPEG_END = b"\xff\xd9"                   # the end-of-image marker, the last bytes of a whole JPEG
+_PNG_END = b"IEND\xaeB`\x82"            # the IEND chunk's type and CRC, the end of a whole PNG
+# JPEG frame headers (SOF0..SOF15 but DHT, JPG, DAC), and the markers without a length field.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_NO_LENGTH = frozenset(range(0xD0, 0xD8)) | {0x01}
 
 
-def encoded_pixels(encoded: tf.Tensor) -> tf.Tensor:
-  """H * W (int64) read from a JPEG or PNG header without decoding; -1 for other formats.
+def jpeg_size(data: bytes) -> tuple[int, int]:
+  """(height, width) from a JPEG's frame header without decoding; (-1, -1) if unreadable.
 
-  Lets a pipeline refuse a decompression bomb before `decode` allocates it. A corrupt JPEG
-  header raises, like `decode` would. Branch-free (a per-record tf.case costs more than this).
+  Walks the segments as libjpeg's marker reader does: stray bytes before a marker and fill
+  bytes (0xFF) are skipped; an end-of-image or start-of-scan before any frame header, a second
+  start-of-image, a zero height (a DNL marker, which libjpeg refuses) or a cut header fail.
   """
-  is_jpeg = tf.io.is_jpeg(encoded)
-  is_png = tf.logical_and(tf.strings.length(encoded) >= 24,
-                          tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE))
-  jpeg_hw = tf.io.extract_jpeg_shape(tf.where(is_jpeg, encoded, TINY_JPEG))[:2]
-  # IHDR's width and height, big-endian, at bytes 16..23 (of a stand-in when this is no PNG).
-  ihdr = tf.io.decode_raw(tf.strings.substr(tf.where(is_png, encoded, _TINY_PNG), 16, 8),
-                          tf.uint8)
-  values = tf.cast(tf.reshape(ihdr, [2, 4]), tf.int64)
-  png_hw = tf.reduce_sum(values * tf.constant([2**24, 2**16, 2**8, 1], tf.int64), axis=1)
-  pixels = tf.where(is_jpeg, tf.reduce_prod(tf.cast(jpeg_hw, tf.int64)), tf.reduce_prod(png_hw))
-  return tf.where(is_jpeg | is_png, pixels, tf.constant(-1, tf.int64))
+  if data[:2] != b"\xff\xd8":
+    return -1, -1
+  i, n = 2, len(data)
+  while True:
+    i = data.find(b"\xff", i)
+    if i < 0:
+      return -1, -1
+    while i < n and data[i] == 0xFF:
+      i += 1
+    if i >= n:
+      return -1, -1
+    marker, i = data[i], i + 1
+    if marker == 0 or marker in _NO_LENGTH:        # a stuffed 0xFF byte, RSTn, TEM
+      continue
+    if marker in (0xD8, 0xD9, 0xDA):
+      return -1, -1
+    if marker in _SOF_MARKERS:
+      if i + 7 > n:
+        return -1, -1
+      height, width = (data[i + 3] << 8) | data[i + 4], (data[i + 5] << 8) | data[i + 6]
+      return (height, width) if height and width else (-1, -1)
+    if i + 2 > n:
+      return -1, -1
+    i += (data[i] << 8) | data[i + 1]
+
+
+def header_size(data: bytes) -> tuple[str, int, int]:
+  """(format, height, width) read from an encoded image's header without decoding it.
+
+  format: "jpeg" (size -1 if its header is unreadable: libjpeg would refuse it too), "png"
+  (IHDR's size), or "other" (GIF, BMP, WebP, or no image at all: size -1; tf.io.decode_image
+  decides). Lets a pipeline refuse a decompression bomb before anything allocates it.
+  """
+  if data[:3] == b"\xff\xd8\xff":
+    return ("jpeg", *jpeg_size(data))
+  if len(data) >= 24 and data[:8] == _PNG_SIGNATURE:
+    return "png", int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+  return "other", -1, -1
+
+
+def is_complete(data: bytes, fmt: str) -> bool:
+  """Whether the data ends as a whole file of that format does (a JPEG with its end-of-image
+  marker, a PNG with its IEND chunk): False for a truncated file, or one with bytes appended."""
+  if fmt == "jpeg":
+    return data.endswith(JPEG_END)
+  return fmt == "png" and data.endswith(_PNG_END)
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:

@@ -170,7 +170,10 @@ def _source_stream(source: Source, index: int, *, seed: int, skip: int, shuffle_
   options = datasets.tf_data_options()
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=options)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config,
-                          decoders=datasets.skip_decoding(source.image_key))
+                          decoders=datasets.read_only(
+                              builder, source.image_key, source.text_key, fix=(
+                                  f"config.data.mixture source {source.name!r}: set its key with"
+                                  " |image_key=... or |text_key=...")))
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).skip(skip)
 
   def common(example):

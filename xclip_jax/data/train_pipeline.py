@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 import tensorflow_datasets as tfds
 
 from xclip_jax.data import eda
@@ -37,7 +38,13 @@ from xclip_jax.data.global_batches import STATS_KEY
 # more records were dropped than config.data.spare_records), caption_truncated (cut at the
 # context length), caption_not_utf8 (invalid bytes replaced by U+FFFD), records (read).
 DROP_REASONS = ("undecodable_image", "empty_caption", "too_large_image")
-_OK, _EMPTY_CAPTION, _TOO_LARGE = 0, 1, 2
+# A record's status; _ABSENT pads a block's last chunk (no record there, nothing counted).
+_OK, _EMPTY_CAPTION, _TOO_LARGE, _UNDECODABLE, _ABSENT = 0, 1, 2, 3, 4
+# Records processed together (planned, decoded in one graph, resized in one call): large enough
+# that the fixed costs per chunk vanish, small enough that the chunks in flight (one per
+# tf.data thread) hold little memory.
+CHUNK_RECORDS = 128
+_RANDOM_STREAM = 0x63726f70           # separates these random words from other uses of the seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +89,7 @@ def make_train_dataset(config, tokenizer, *, views: views_lib.Views, process_ind
   options = datasets.tf_data_options()
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=options)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config,
-                          decoders=datasets.skip_decoding(d.image_key))
+                          decoders=datasets.read_only(builder, d.image_key, d.text_key))
   # Shuffle encoded records (a few KB each), then decode: the buffer stays small.
   ds = ds.repeat().shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   # Every step reads a fixed block of records (batch + spares), dropped ones included, so the
@@ -104,19 +111,105 @@ def _texts_of(raw: np.ndarray) -> tuple[list[str], int]:
   return texts, invalid
 
 
+def _field(example: dict, path: str) -> tf.Tensor:
+  value = example
+  for part in path.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise KeyError(f"Feature path {path!r}: no {part!r} among {keys}.")
+    value = value[part]
+  return value
+
+
+def _unit(bits: np.ndarray) -> np.ndarray:
+  """uint32 random words -> uniforms in [0, 1) with 24 bits, as torch's float32 uniform_."""
+  return (bits >> 8).astype(np.float64) * 2.0**-24
+
+
+class _RandomWords:
+  """Where a record's random choices lie among its uint32 words: per image view 4 x ATTEMPTS
+  window uniforms, one for the caption, two (an int64) per EDA view; padded to a multiple of 4
+  (one Philox block per four words, so a record's words follow from its position alone)."""
+
+  def __init__(self, plan: ViewPlan):
+    self.n_views = len(plan.image_keys)
+    self.caption = self.n_views * view_crops.UNIFORMS_PER_VIEW
+    self.eda = self.caption + 1
+    self.count = -(-(self.eda + 2 * len(plan.eda_keys)) // 4) * 4
+
+  def uniforms(self, bits: np.ndarray) -> np.ndarray:
+    """[B, count] words -> the crop windows' uniforms [B, V, 4, ATTEMPTS]."""
+    return _unit(bits[:, :self.caption]).reshape(len(bits), self.n_views, 4, view_crops.ATTEMPTS)
+
+  def eda_seeds(self, bits: np.ndarray) -> np.ndarray:
+    words = bits[:, self.eda:self.count].astype(np.uint64)
+    n = (self.count - self.eda) // 2 * 2
+    return ((words[:, 0:n:2] << np.uint64(32) | words[:, 1:n:2]) >> np.uint64(1)).astype(np.int64)
+
+
+class _ChunkPlanner:
+  """numpy, once per chunk: each record's caption sampled among its non-empty ones, its status
+  (an empty caption; a JPEG/PNG header above max_image_pixels, refused before decoding; an
+  unreadable JPEG header), its crop windows and what to decode (view_crops.plan_decodes), and
+  whether it must be decoded alone first (`probe`: a file that does not end as a whole one
+  does, most often a truncated download)."""
+
+  def __init__(self, plan: ViewPlan, words: _RandomWords, size: int, max_pixels: int):
+    self.scales = np.asarray(plan.crop_scales, np.float64)
+    self.words, self.size, self.max_pixels = words, size, max_pixels
+
+  def __call__(self, positions, images, texts, valid, bits):
+    n = len(images)
+    status = np.full(n, _ABSENT, np.int32)
+    heights, widths = np.ones(n, np.int64), np.ones(n, np.int64)
+    is_jpeg, complete, probe = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    chosen = np.full(n, b"", object)
+    caption_u = _unit(bits[:, self.words.caption])
+    for i in np.flatnonzero(valid).tolist():
+      captions = [t for t in texts[i].tolist() if t.strip()]
+      if not captions:
+        status[i] = _EMPTY_CAPTION
+        continue
+      chosen[i] = captions[min(int(caption_u[i] * len(captions)), len(captions) - 1)]
+      data = images[i]
+      fmt, height, width = image_lib.header_size(data)
+      if fmt == "jpeg" and height < 0:
+        logging.warning("Train record %d: unreadable JPEG header; dropped.", positions[i])
+        status[i] = _UNDECODABLE
+        continue
+      if self.max_pixels and height > 0 and height * width > self.max_pixels:
+        status[i] = _TOO_LARGE
+        continue
+      status[i] = _OK
+      whole = image_lib.is_complete(data, fmt)
+      is_jpeg[i], complete[i], probe[i] = fmt == "jpeg", whole, not whole
+      if height > 0:
+        heights[i], widths[i] = height, width
+    kinds, windows, boxes = view_crops.plan_decodes(
+        heights, widths, is_jpeg, complete, self.words.uniforms(bits), self.scales, self.size)
+    return status, kinds, windows, boxes, probe, chosen, self.words.eda_seeds(bits)
+
+
 def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Views, seed: int,
                  host_batch_size: int, sources: list[mixture.Source] | None = None
                  ) -> tf.data.Dataset:
-  """(position, encoded example) pairs -> the train batches of make_train_dataset.
+  """(position, encoded example) pairs, positions consecutive -> make_train_dataset's batches.
 
   `sources`: the examples are a mixture's (mixture.make_stream: fixed keys, a source index),
-  and the batches also count per source.
+  and the batches also count per source (its index travels through the chunks as a column).
 
   Each batch is built from the next block of host_batch_size + config.data.spare_records
   records: records that cannot be used (DROP_REASONS) are dropped and counted, the first
   host_batch_size usable ones are kept; if too few remain, usable rows of the block are repeated
   (counted as "duplicated"). A block with no usable record stops the run with an error: that
-  is a wrong image_key/text_key or a broken dataset, not a few bad records.
+  is a wrong image_key/text_key or a broken dataset, not a few bad records. The examples'
+  features must batch (make_train_dataset reads only the image and the text).
+
+  A block is cut into chunks of at most CHUNK_RECORDS records, each processed as a whole (one
+  numpy plan, one graph of decodes, one batched resize: no per-record tf.data stage). A decode that
+  fails fails its chunk's loop; the chunk is then redone with each record decoded alone first
+  (tf.data's ignore_errors drops the ones that fail, with a warning naming the error), which
+  finds the same records every time: the batches stay a function of (seed, position).
   """
   d = config.data
   plan = ViewPlan.resolve(views, d)
@@ -124,55 +217,87 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
   size = config.model.image.image_size
   context_length = config.model.text.context_length
   block = host_batch_size + d.spare_records
+  n_chunks = -(-block // CHUNK_RECORDS)
+  chunk = -(-block // n_chunks)
   parallel = tf.data.AUTOTUNE if d.num_parallel_calls < 0 else d.num_parallel_calls
-  base_seed = tf.constant(seed, tf.int64)
   lexicon = eda.load_synonyms() if plan.eda_keys else None
-  n_seeds = 1 + len(plan.eda_keys) + len(plan.image_keys)
+  words = _RandomWords(plan)
+  planner = _ChunkPlanner(plan, words, size, d.max_image_pixels)
+  scales = np.asarray(plan.crop_scales, np.float64)
+  key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(
+      seed=tf.constant([seed, _RANDOM_STREAM], tf.int64))
 
-  def preprocess(index, example):
-    # Per-example stateless seeds from (process seed, position in the stream): reproducible.
-    seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([base_seed, index]),
-                                                              n_seeds))
-    n_eda = len(plan.eda_keys)
-    text_seed, eda_seeds, image_seeds = seeds[0], seeds[1:1 + n_eda], seeds[1 + n_eda:]
-    image_bytes = datasets.get_numpy_field(example, image_key)
-    text = datasets.get_caption(example, text_key, text_seed)
-    status = tf.where(tf.strings.length(tf.strings.strip(text)) == 0, _EMPTY_CAPTION, _OK)
-    if d.max_image_pixels:
-      too_large = image_lib.encoded_pixels(image_bytes) > d.max_image_pixels
-      status = tf.where(tf.logical_and(status == _OK, too_large), _TOO_LARGE, status)
-    # A record already known to be dropped decodes a 1x1 stand-in instead (never a bomb).
-    image_bytes = tf.where(status == _OK, image_bytes, image_lib.TINY_JPEG)
-    crops = view_crops.decode_views(image_bytes, image_seeds, plan.crop_scales, size,
-                                    antialias_above=d.antialias_above)
-    out = dict(zip(plan.image_keys, crops))
-    out.update({"_text": text, "_status": status})
-    if sources:
-      out[mixture.SOURCE] = example[mixture.SOURCE]
-    for key, eda_seed in zip(plan.eda_keys, eda_seeds):
-      out[f"_seed_{key}"] = eda_seed[0]
-    return out
+  def to_chunks(positions, example):
+    images, texts = _field(example, image_key), _field(example, text_key)
+    # One column per caption: a scalar caption is a list of one; lists are padded with "".
+    texts = tf.reshape(texts, [block, tf.reduce_prod(tf.shape(texts)[1:])])
+    pad = n_chunks * chunk - block
+    return {"position": tf.reshape(positions[0] + tf.range(n_chunks * chunk, dtype=tf.int64),
+                                   [n_chunks, chunk]),
+            "image": tf.reshape(tf.pad(images, [[0, pad]]), [n_chunks, chunk]),
+            "texts": tf.reshape(tf.pad(texts, [[0, pad], [0, 0]]), [n_chunks, chunk, -1]),
+            "valid": tf.reshape(tf.range(n_chunks * chunk) < block, [n_chunks, chunk]),
+            **({mixture.SOURCE: tf.reshape(tf.pad(example[mixture.SOURCE], [[0, pad]]),
+                                           [n_chunks, chunk])} if sources else {})}
 
-  def preprocess_block(*window):
-    # A failing decode raises inside tf.data; ignore_errors drops that record only. The empty
-    # batch appended (then take(1)) keeps one output per block even if every record failed.
-    records = tf.data.Dataset.zip(window).map(preprocess, num_parallel_calls=parallel,
-                                              deterministic=True)
-    records = records.ignore_errors(log_warning=True)
-    empty = tf.nest.map_structure(lambda spec: tf.zeros([0] + spec.shape.as_list(), spec.dtype),
-                                  records.element_spec)
-    batch = records.batch(block).concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
-    if not sources:
-      return batch
-    # The sources of every record of the block, the undecodable ones included.
-    block_sources = tf.data.Dataset.zip(window).map(lambda _, ex: ex[mixture.SOURCE]).batch(block)
-    return tf.data.Dataset.zip(batch, block_sources).map(
-        lambda rows, s: dict(rows, _block_sources=s))
+  def plan_chunk(c):
+    # Philox block (position * count / 4 + j) holds words 4j..4j+3 of that record.
+    start = tf.cast(c["position"][0], tf.uint64) * (words.count // 4)
+    bits = tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=[chunk, words.count], key=key, counter=tf.stack([start, counter[1]]), alg=1,
+        dtype=tf.uint32)
+    specs = [(tf.int32, []), (tf.int32, []), (tf.int32, [4]), (tf.int32, [words.n_views, 4]),
+             (tf.bool, []), (tf.string, []), (tf.int64, [len(plan.eda_keys)])]
+    outs = tf.numpy_function(planner, [c["position"], c["image"], c["texts"], c["valid"], bits],
+                             [dtype for dtype, _ in specs], stateful=False)
+    for out, (_, shape) in zip(outs, specs):
+      out.set_shape([chunk] + shape)
+    names = ("status", "kinds", "windows", "boxes", "probe", "text", "eda_seeds")
+    passed = {k: c[k] for k in ("image", mixture.SOURCE) if k in c}
+    return dict(zip(names, outs), bits=bits, **passed)
+
+  def resize(*args):
+    decoded, (kinds, boxes, bits, status) = args[:chunk], args[chunk:]
+    return view_crops.resize_views(decoded, kinds, boxes, words.uniforms(bits), scales,
+                                   np.flatnonzero(status == _OK), size, d.antialias_above)
+
+  def process_chunk(c):
+    def rows_where(mask):
+      return tf.cast(tf.reshape(tf.where(mask), [-1]), tf.int32)
+
+    def as_mask(rows):
+      return tf.scatter_nd(rows[:, None], tf.ones_like(rows, tf.bool), [chunk])
+
+    def failed_of(rows):          # one element: which of `rows` do not decode on their own
+      decoded = tf.data.Dataset.from_tensor_slices(rows).map(lambda r: (r, tf.size(
+          view_crops.decode_one(c["image"][r], c["kinds"][r], c["windows"][r]))))
+      ok = decoded.ignore_errors(log_warning=True).map(lambda r, _: r).batch(chunk)
+      ok = ok.concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.int32))).take(1)
+      return ok.map(lambda ok_rows: as_mask(rows) & ~as_mask(ok_rows))
+
+    def finish(failed):
+      status = tf.where(failed, _UNDECODABLE, c["status"])
+      kinds = tf.where(status == _OK, c["kinds"], view_crops.SKIP)
+      decoded = view_crops.decode_windows(c["image"], kinds, c["windows"])
+      images = tf.numpy_function(resize, [*decoded, kinds, c["boxes"], c["bits"], status],
+                                 [tf.uint8] * words.n_views, stateful=False)
+      out = {"_text": c["text"], "_status": status}
+      if sources:
+        out[mixture.SOURCE] = c[mixture.SOURCE]
+      for key, image in zip(plan.image_keys, images):
+        out[key] = tf.ensure_shape(image, [chunk, size, size, 3])
+      for i, key in enumerate(plan.eda_keys):
+        out[f"_seed_{key}"] = c["eda_seeds"][:, i]
+      return out
+
+    usable = c["status"] == _OK
+    first = failed_of(rows_where(c["probe"] & usable)).map(finish)
+    redo = failed_of(rows_where(usable)).map(finish)
+    return first.ignore_errors(log_warning=False).concatenate(redo).take(1)
 
   def select(rows):
+    rows = {k: tf.reshape(v, [n_chunks * chunk] + v.shape.as_list()[2:]) for k, v in rows.items()}
     status = rows.pop("_status")
-    block_sources = rows.pop("_block_sources", None)
-    decoded = tf.shape(status, out_type=tf.int64)[0]
     usable = tf.reshape(tf.where(tf.equal(status, _OK)), [-1])
     count = tf.size(usable, out_type=tf.int64)
     check = tf.debugging.assert_positive(
@@ -182,19 +307,22 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
     with tf.control_dependencies([check]):
       pick = tf.gather(usable, tf.range(host_batch_size, dtype=tf.int64) % count)
     # Usually the first host_batch_size records are all usable: a slice, not a copy.
-    prefix = tf.logical_and(decoded >= host_batch_size,
-                            tf.reduce_all(tf.equal(status[:host_batch_size], _OK)))
+    prefix = tf.reduce_all(tf.equal(status[:host_batch_size], _OK))
     out = tf.cond(prefix, lambda: {k: v[:host_batch_size] for k, v in rows.items()},
                   lambda: {k: tf.gather(v, pick) for k, v in rows.items()})
+    counted = lambda reason: tf.reduce_sum(tf.cast(status == reason, tf.int64))  # noqa: E731
     out[STATS_KEY] = {
         "records": tf.constant(block, tf.int64),
-        "undecodable_image": block - decoded,
-        "empty_caption": tf.reduce_sum(tf.cast(status == _EMPTY_CAPTION, tf.int64)),
-        "too_large_image": tf.reduce_sum(tf.cast(status == _TOO_LARGE, tf.int64)),
+        "undecodable_image": counted(_UNDECODABLE),
+        "empty_caption": counted(_EMPTY_CAPTION),
+        "too_large_image": counted(_TOO_LARGE),
         "duplicated": tf.maximum(host_batch_size - count, 0)}
-    if sources:
+    if sources:     # the block's records (not the padding), those decoded, the batch's rows
+      read = status != _ABSENT
+      decoded = read & (status != _UNDECODABLE)
       out[STATS_KEY].update(mixture.source_counters(
-          [s.label for s in sources], block_sources, rows[mixture.SOURCE], status,
+          [s.label for s in sources], tf.boolean_mask(rows[mixture.SOURCE], read),
+          tf.boolean_mask(rows[mixture.SOURCE], decoded), tf.boolean_mask(status, decoded),
           out.pop(mixture.SOURCE), {"empty_caption": _EMPTY_CAPTION,
                                     "too_large_image": _TOO_LARGE}))
     for k, v in out.items():
@@ -202,9 +330,14 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
         v.set_shape([host_batch_size] + v.shape.as_list()[1:])
     return out
 
-  ds = ds.window(block, drop_remainder=True)
-  ds = ds.interleave(preprocess_block, cycle_length=2, block_length=1, num_parallel_calls=2,
-                     deterministic=True)
+  ds = ds.padded_batch(block, drop_remainder=True).map(to_chunks).unbatch()
+  ds = ds.map(plan_chunk, num_parallel_calls=parallel, deterministic=True)
+  ds = ds.interleave(process_chunk, cycle_length=parallel, block_length=1,
+                     num_parallel_calls=parallel, deterministic=True)
+  if n_chunks == 1:      # a block of one chunk: no batch, which would copy every pixel
+    ds = ds.map(lambda rows: tf.nest.map_structure(lambda v: v[None], rows))
+  else:
+    ds = ds.batch(n_chunks)
   ds = ds.map(select, num_parallel_calls=parallel)
 
   # ---- text: one SentencePiece call per batch per text view -----------------------------------
