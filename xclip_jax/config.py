@@ -252,10 +252,20 @@ def apply_paper_clip(c: ml_collections.ConfigDict, *, patch_size: int) -> None:
   c.evals.zeroshot.enabled = False
 
 
+def _check_wandb(w: ml_collections.ConfigDict) -> None:
+  """config.wandb: a known mode, and the wandb package installed when enabled. (Here, not in
+  tracking.py: validation must not import clu's writers, which load TensorFlow.)"""
+  if w.mode not in ("online", "offline"):
+    raise ValueError(f"config.wandb.mode={w.mode!r}: use online or offline.")
+  if w.enabled:
+    from xclip_jax import wandb_writer  # noqa: PLC0415
+    wandb_writer.import_wandb()   # raises ImportError saying what to install
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks that fail fast, before any compilation, with a message saying what to change."""
   from xclip_jax import methods  # local: keeps config import light
-  from xclip_jax import ema, optim, param_groups, profiling, tracking
+  from xclip_jax import ema, optim, param_groups, profiling
   from xclip_jax.models import vit
 
   if c.method not in methods.names():
@@ -293,7 +303,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   ema.check(c)
   vit.num_kept_patches((c.model.image.image_size // c.model.image.patch_size)**2,
                        c.model.image.patch_dropout)
-  tracking.check_config(c)
+  _check_wandb(c.wandb)
   profiling.check_config(c)
 
 

@@ -296,12 +296,3 @@ def log_file(workdir: str) -> Iterator[str | None]:
     root.removeHandler(handler)
     handler.close()
 
-
-def check_config(c: ml_collections.ConfigDict) -> None:
-  """config.wandb: a known mode, and the wandb package installed when enabled."""
-  w = c.wandb
-  if w.mode not in ("online", "offline"):
-    raise ValueError(f"config.wandb.mode={w.mode!r}: use online or offline.")
-  if w.enabled:
-    from xclip_jax import wandb_writer  # noqa: PLC0415
-    wandb_writer.import_wandb()   # raises ImportError saying what to install

@@ -25,7 +25,6 @@ from xclip_jax import nonfinite as nonfinite_lib
 from xclip_jax import profiling
 from xclip_jax import resume
 from xclip_jax import tracking
-from xclip_jax import train_state as ts
 from xclip_jax.data import global_batches
 from xclip_jax.data import sources
 from xclip_jax.evaluate import runner as eval_runner
