@@ -24,6 +24,19 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests that take more than ~20 s")
 
 
+# The longest files first (multi-process drills, SIGTERM/SIGKILL runs, end-to-end training):
+# pytest-xdist's loadfile hands files out in collection order, so these then run beside the many
+# short files instead of after them. The order within a file is kept.
+LONGEST_FILES = ("test_preemption.py", "test_multihost.py", "test_reliability.py",
+                 "test_train.py", "test_tracking.py", "test_ema.py", "test_interop.py",
+                 "test_api.py", "test_declip_model.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
   """A TFDS data_dir holding the embedded demo dataset, built once per test run (~20 s): under
