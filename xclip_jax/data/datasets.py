@@ -94,15 +94,21 @@ def class_names(name: str, data_dir: str | None = "", label_key: str = "label") 
 
 # ---- features ---------------------------------------------------------------------------------
 
-def get_field(example: dict, path: str, seed: tf.Tensor | None = None) -> tf.Tensor:
-  """example["a"]["b"] for path "a/b". A list-valued field (rank >= 1, e.g. several captions)
-  yields ONE element drawn uniformly (stateless under `seed`); an empty list yields ""."""
+def lookup(example: dict, path: str):
+  """example["a"]["b"] for path "a/b", as stored (a KeyError names the keys there are)."""
   value = example
   for part in path.split("/"):
     if not isinstance(value, dict) or part not in value:
       keys = sorted(value) if isinstance(value, dict) else type(value).__name__
       raise KeyError(f"Feature path {path!r}: no {part!r} among {keys}.")
     value = value[part]
+  return value
+
+
+def get_field(example: dict, path: str, seed: tf.Tensor | None = None) -> tf.Tensor:
+  """example["a"]["b"] for path "a/b". A list-valued field (rank >= 1, e.g. several captions)
+  yields ONE element drawn uniformly (stateless under `seed`); an empty list yields ""."""
+  value = lookup(example, path)
   if value.shape.rank == 0:
     return value
   value = tf.reshape(value, [-1])

@@ -111,16 +111,6 @@ def _texts_of(raw: np.ndarray) -> tuple[list[str], int]:
   return texts, invalid
 
 
-def _field(example: dict, path: str) -> tf.Tensor:
-  value = example
-  for part in path.split("/"):
-    if not isinstance(value, dict) or part not in value:
-      keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-      raise KeyError(f"Feature path {path!r}: no {part!r} among {keys}.")
-    value = value[part]
-  return value
-
-
 def _unit(bits: np.ndarray) -> np.ndarray:
   """uint32 random words -> uniforms in [0, 1) with 24 bits, as torch's float32 uniform_."""
   return (bits >> 8).astype(np.float64) * 2.0**-24
@@ -228,7 +218,7 @@ def host_batches(ds: tf.data.Dataset, config, tokenizer, *, views: views_lib.Vie
       seed=tf.constant([seed, _RANDOM_STREAM], tf.int64))
 
   def to_chunks(positions, example):
-    images, texts = _field(example, image_key), _field(example, text_key)
+    images, texts = datasets.lookup(example, image_key), datasets.lookup(example, text_key)
     # One column per caption: a scalar caption is a list of one; lists are padded with "".
     texts = tf.reshape(texts, [block, tf.reduce_prod(tf.shape(texts)[1:])])
     pad = n_chunks * chunk - block
