@@ -4,6 +4,7 @@ import fcntl
 import functools
 import os
 import sys
+import tempfile
 
 # configs/ is a folder of config files, not an installed package: make `import configs.clip` work.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -13,6 +14,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache per test run, shared by the xdist workers and every subprocess
+# they start (the multi-process drills run the same programs again and again): a program compiled
+# once is loaded, not recompiled. Executables are the same bits, so results are unchanged.
+# (The xdist workers inherit the controller's environment, so all of them get its directory.)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      tempfile.gettempdir(), f"xclip_jax_tests_{os.getpid()}", "jax_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

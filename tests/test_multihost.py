@@ -21,7 +21,9 @@ TINY = ["--config=configs/clip.py:demo", "--config.data.name=synthetic", "--conf
         "--config.model.image.heads=2", "--config.model.image.patch_size=16",
         "--config.model.text.width=32", "--config.model.text.layers=2",
         "--config.model.text.heads=2", "--config.checkpoint.every=2",
-        "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.optim.eps=1e-3"]
+        "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.optim.eps=1e-3",
+        # Constant after warmup: a longer run (a resume) compiles the same program (cached).
+        "--config.optim.schedule=constant"]
 
 
 def _free_port():

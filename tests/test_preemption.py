@@ -6,9 +6,11 @@ Each drill asserts: both processes exit with multihost.REQUEUE_EXIT_STATUS, both
 saved step, the workdir holds that single checkpoint, its parameters equal an uninterrupted run's
 at that step bit for bit, and resuming it with two processes continues bit for bit.
 
-The learning rate is constant after warmup (min_lr = lr), so a run's trajectory does not depend on
-total_steps: the drills run "forever" (total_steps 10^5) and their resumes stop two steps after the
-saved one, compared with the uninterrupted reference's checkpoint of that step.
+The learning rate is constant after warmup (optim.schedule=constant), so neither a run's trajectory
+nor its compiled program depends on total_steps: the drills run "forever" (total_steps 10^5) and
+their resumes stop two steps after the saved one, compared with the uninterrupted reference's
+checkpoint of that step (and every run loads the step the first one compiled from the session's
+compilation cache, tests/conftest.py).
 """
 
 import os
@@ -38,7 +40,7 @@ DRILL = ["--config=configs/clip.py:demo", "--config.data.name=synthetic",
          "--config.model.text.width=32", "--config.model.text.layers=1",
          "--config.model.text.heads=2", "--config.mesh.data=4", "--config.mesh.fsdp=1",
          "--config.optim.warmup_steps=1", "--config.optim.lr=0.001",
-         "--config.optim.min_lr=0.001", "--config.optim.eps=1e-3"]
+         "--config.optim.schedule=constant", "--config.optim.eps=1e-3"]
 
 
 def _free_port():

@@ -22,7 +22,9 @@ TINY = {
     "model.image.width": 32, "model.image.layers": 2, "model.image.heads": 2,
     "model.image.patch_size": 16,
     "model.text.width": 32, "model.text.layers": 2, "model.text.heads": 2,
-    "optim.warmup_steps": 1, "data.shuffle_buffer": 64,
+    # Constant after warmup: runs of different lengths (a resume) compile the same program, which
+    # the session's compilation cache (conftest.py) then loads instead of compiling again.
+    "optim.warmup_steps": 1, "optim.schedule": "constant", "data.shuffle_buffer": 64,
     "evals.zeroshot.max_examples": 64, "evals.zeroshot.batch_size": 32,
     "checkpoint.every": 2, "checkpoint.keep": 3,
 }
