@@ -154,7 +154,7 @@ def test_notebook_executes_on_a_tiny_checkpoint(trained, model, demo_dir, monkey
   tables = [o for o in outputs if "text/markdown" in o.get("data", {})]
   assert len(figures) == 2                                   # similarity matrix + image grid
   assert "image/ln_pre/scale" in tables[0]["data"]["text/markdown"]
-  assert f"step 2, method 'clip'" in text
+  assert "step 2, method 'clip'" in text
   assert f"parameters: {model.num_params():,}" in text
   dim = model.config.model.embed_dim
   assert f"12 images -> (12, {dim}), 12 captions -> (12, {dim})" in text

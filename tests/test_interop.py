@@ -25,6 +25,8 @@ from xclip_jax.data import text_spec
 from xclip_jax.data import tokenizer as tokenizer_lib
 from xclip_jax.interop import convert, openai_layout, torch_files
 
+from tests.tiny import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
 HAS_TORCH = bool(glob.glob(os.path.join(ROOT, ".venv-torch/lib/python3*/site-packages/torch")))
@@ -261,7 +263,7 @@ def test_convert_evaluate_finetune_export(torch_reference, merges_path, demo_dir
   src = os.path.join(torch_reference["dir"], "model.pt")
   imported, tuned = str(tmp_path / "imported"), str(tmp_path / "tuned")
   # One CPU device in the subprocesses: the same code path, a quicker start and compile.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocess_env(1)
   run = subprocess.run(
       [sys.executable, "-m", "xclip_jax.interop.convert", f"--input={src}",
        f"--workdir={imported}", f"--bpe_vocab={merges_path}", "--vision_heads=4",

@@ -28,8 +28,10 @@ import pytest
 from xclip_jax import checkpoint
 from xclip_jax.parallel import multihost
 
+from tests.tiny import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE_STEPS = 80      # the reference saves every step up to here; drills stop earlier
+REFERENCE_STEPS = 40      # the reference saves every step up to here; drills stop at 1-10
 DEADLINE = 480            # seconds for one two-process run, start-up to exit (a hang fails here)
 
 # One-layer towers and a data-only mesh compile fastest; lr constant after one warmup step.
@@ -54,8 +56,7 @@ class Processes:
 
   def __init__(self, workdir, tmp_path, name, *flags, count=2):
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = subprocess_env(2)
     self.paths = [tmp_path / f"{name}.process_{i}.log" for i in range(count)]
     self.procs = []
     for i, path in enumerate(self.paths):

@@ -1,5 +1,6 @@
-"""Reliability: exact resume after SIGTERM, SIGKILL during asynchronous saves, clear errors for a
-workdir that cannot be written."""
+"""Reliability: exact resume after SIGTERM; SIGKILL during asynchronous saves, then SIGTERM (exit
+75) and the same command resuming, as real processes; clear errors for a workdir that cannot be
+written or a full disk."""
 
 import os
 import signal
@@ -38,52 +39,81 @@ def test_sigterm_and_resume_is_bitwise_equal_to_an_uninterrupted_run(demo_dir, t
   train.run(config(), reference)
   expected = checkpoint.load_params(reference)
 
-  for stop_step in (2, 5):                  # early (inside warmup) and late
-    interrupted = str(tmp_path / f"stopped_at_{stop_step}")
+  # One workdir preempted twice, early and late, the second time in a resumed run; after each
+  # notice the same config resumes.
+  interrupted = str(tmp_path / "interrupted")
+  for stop_step, saved in ((2, [2]), (5, [2, 5])):
     with monkeypatch.context() as m:
       _sigterm_at(m, stop_step)
       with pytest.raises(multihost.Preempted) as preempted:   # main.py exits 75 on it
         train.run(config(), interrupted)
     assert preempted.value.step == stop_step
-    assert checkpoint_steps(interrupted) == [stop_step]
-    train.run(config(), interrupted)
-    assert checkpoint_steps(interrupted) == [stop_step, 7]
-    got = checkpoint.load_params(interrupted)
-    for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-      np.testing.assert_array_equal(x, y)
+    assert checkpoint_steps(interrupted) == saved
+  train.run(config(), interrupted)
+  assert checkpoint_steps(interrupted) == [2, 5, 7]
+  got = checkpoint.load_params(interrupted)
+  for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _start(cmd, log):
+  with open(log, "w") as f:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait_for_steps(proc, log, count):
+  """Until `count` more step lines are in `log` (a deadline fails the test)."""
+  deadline = time.time() + 600
+  while log.read_text().count("] step ") < count:
+    assert proc.poll() is None, log.read_text()[-3000:]
+    assert time.time() < deadline, "no training step logged in time"
+    time.sleep(0.05)
 
 
 @pytest.mark.slow
-def test_sigkill_during_async_saves_leaves_only_complete_checkpoints(demo_dir, tmp_path):
+def test_sigkill_during_saves_then_sigterm_exit_75_and_the_same_command_resumes(demo_dir,
+                                                                                 tmp_path):
+  """One workdir through what a preemptible job meets, as real `xclip_jax.main` processes:
+  SIGKILL while asynchronous saves run every step; the same command resumes the newest complete
+  checkpoint; SIGTERM there saves and exits 75 (requeue); the same command, two steps further,
+  resumes that save and finishes."""
   workdir = tmp_path / "run"
-  cmd = main_command(workdir, demo_dir, 100_000) + ["--config.checkpoint.every=1",
-                                                     "--config.checkpoint.keep=3"]
+  cmd = main_command(workdir, demo_dir, 100_000)
   log = tmp_path / "log.txt"
-  for kill_after in (8,):                 # steps logged before the kill; saves run every step
-    with open(log, "w") as f:
-      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while log.read_text().count("] step ") < kill_after:
-      assert proc.poll() is None, log.read_text()[-3000:]
-      assert time.time() < deadline
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    # Every step the manager reports restores; half-written ones are not reported.
-    manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
-                                    item_names=("state", "config"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = manager.all_steps()
-    assert steps, "no complete checkpoint"
-    for step in steps:
-      params = checkpoint.load_params(str(workdir), step=step)
-      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
-  # And the run resumes from the newest complete one.
-  newest = max(steps)
-  out = subprocess.run(main_command(workdir, demo_dir, newest + 1), cwd=ROOT,
+  proc = _start(cmd + ["--config.checkpoint.every=1", "--config.checkpoint.keep=3"], log)
+  _wait_for_steps(proc, log, 8)            # steps logged before the kill; saves run every step
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  # Every step the manager reports restores; half-written ones are not reported.
+  manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
+                                  item_names=("state", "config"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  killed = manager.all_steps()
+  assert killed, "no complete checkpoint"
+  for step in killed:
+    params = checkpoint.load_params(str(workdir), step=step)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  newest = max(killed)
+
+  # The same command (interval saves off, which a resume may change) resumes the newest
+  # complete checkpoint; SIGTERM 3 steps on saves once more and exits 75:
+  # parallel/multihost.REQUEUE_EXIT_STATUS, saved after a preemption notice, resumable.
+  proc = _start(cmd, log)
+  _wait_for_steps(proc, log, 3)
+  assert f"Resuming from the checkpoint at step {newest}" in log.read_text()
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=600) == 75, log.read_text()[-3000:]
+  assert "after a preemption notice" in log.read_text()
+  steps = checkpoint_steps(workdir)
+  (saved,) = set(steps) - set(killed)                       # only the forced save is new
+  assert saved == max(steps) and saved >= newest + 3
+
+  out = subprocess.run(main_command(workdir, demo_dir, saved + 2), cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert f"Resuming from the checkpoint at step {newest}" in out.stderr
+  assert f"Resuming from the checkpoint at step {saved}" in out.stderr
+  assert f"step {saved + 1}/{saved + 2}" in out.stderr
+  assert checkpoint_steps(workdir)[-2:] == [saved, saved + 2]
 
 
 def test_unwritable_workdir_is_a_clear_error_before_compiling(demo_dir, tmp_path):

@@ -1,9 +1,7 @@
-"""The train loop end to end on the demo data: checkpoints, resume, SIGTERM, and mesh parity."""
+"""The train loop end to end on the demo data: checkpoints, resume, mesh parity, non-finite steps.
+(SIGTERM and SIGKILL of a real process: test_reliability.py.)"""
 
 import logging
-import signal
-import subprocess
-import time
 
 import jax
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 from xclip_jax import checkpoint, train
 from xclip_jax.parallel import mesh as mesh_lib
 
-from tests.tiny import ROOT, checkpoint_steps, main_command, tiny_config, tiny_state
+from tests.tiny import checkpoint_steps, tiny_config, tiny_state
 
 
 def test_train_checkpoints_and_resumes(demo_dir, tmp_path, caplog):
@@ -79,33 +77,6 @@ def test_train_step_on_8_devices_equals_1_device():
   for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(params_1)):
     # Adam steps are ~lr = 1e-2; reduction order moves them by ~1e-6.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_exits_75_and_the_same_command_resumes(demo_dir, tmp_path):
-  workdir = tmp_path / "run"
-  log = tmp_path / "log.txt"
-  with open(log, "w") as f:
-    proc = subprocess.Popen(main_command(workdir, demo_dir, 100_000), cwd=ROOT,
-                            stdout=f, stderr=subprocess.STDOUT)
-  deadline = time.time() + 600
-  while "step 3/" not in log.read_text():
-    assert proc.poll() is None, log.read_text()[-3000:]
-    assert time.time() < deadline, "no training step logged in time"
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  # 75: saved after a preemption notice, resumable (parallel/multihost.REQUEUE_EXIT_STATUS).
-  assert proc.wait(timeout=600) == 75, log.read_text()[-3000:]
-  assert "after a preemption notice" in log.read_text()
-  (saved,) = checkpoint_steps(workdir)                      # only the forced save
-  assert saved >= 3
-
-  out = subprocess.run(main_command(workdir, demo_dir, saved + 2), cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f"Resuming from the checkpoint at step {saved}" in out.stderr
-  assert f"step {saved + 1}/{saved + 2}" in out.stderr
-  assert checkpoint_steps(workdir) == [saved, saved + 2]
 
 
 def test_nonfinite_step_is_skipped_and_state_kept():

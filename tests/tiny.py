@@ -53,6 +53,15 @@ def checkpoint_steps(workdir):
   return sorted(int(p) for p in os.listdir(checkpoint.checkpoint_dir(workdir)) if p.isdigit())
 
 
+def subprocess_env(devices: int) -> dict:
+  """The environment for a subprocess with `devices` fake CPU devices: this test run's XLA flags
+  and compilation cache (conftest.py), TensorFlow quiet."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+              XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
+
+
 def main_command(workdir, data_dir, total_steps):
   """`python -m xclip_jax.main` on the tiny config, no evaluation, no interval checkpoints."""
   flags = [f"--config.{k}={v}" for k, v in TINY.items()]
