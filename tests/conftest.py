@@ -3,6 +3,7 @@
 import fcntl
 import functools
 import os
+import shutil
 import sys
 import tempfile
 
@@ -21,7 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # they start (the multi-process drills run the same programs again and again): a program compiled
 # once is loaded, not recompiled. Executables are the same bits, so results are unchanged.
 # (The xdist workers inherit the controller's environment, so all of them get its directory.)
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ    # False in the workers: inherited
+if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
       tempfile.gettempdir(), f"xclip_jax_tests_{os.getpid()}", "jax_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
@@ -34,6 +36,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests that take more than ~20 s")
+
+
+def pytest_unconfigure(config):
+  """The run that made the compilation cache removes it (the workers have ended by then)."""
+  if _OWN_CACHE:
+    shutil.rmtree(os.path.dirname(os.environ["JAX_COMPILATION_CACHE_DIR"]), ignore_errors=True)
 
 
 # The longest files first (multi-process drills, SIGTERM/SIGKILL runs, end-to-end training):

@@ -34,21 +34,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _env(devices):
-  return subprocess_env(devices)
-
-
 def _run(workdir, steps, processes, extra=()):
   args = [sys.executable, "-m", "xclip_jax.main", *TINY, f"--workdir={workdir}",
           f"--config.total_steps={steps}", *extra]
   if processes == 1:
-    out = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(args, cwd=ROOT, env=subprocess_env(8), capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [out.stderr]
   port = _free_port()
   procs = [subprocess.Popen(args + [f"--coordinator_address=localhost:{port}",
                                     f"--num_processes={processes}", f"--process_id={i}"],
-                            cwd=ROOT, env=_env(8 // processes), stdout=subprocess.PIPE,
+                            cwd=ROOT, env=subprocess_env(8 // processes), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(processes)]
   logs = []
   for p in procs:
@@ -108,7 +105,8 @@ def _evaluate(workdir, processes, extra):
                     f"--process_id={i}"] for i in range(processes)]
   else:
     cmds = [args]
-  procs = [subprocess.Popen(c, cwd=ROOT, env=_env(8 // processes), stdout=subprocess.PIPE,
+  procs = [subprocess.Popen(c, cwd=ROOT, env=subprocess_env(8 // processes),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for c in cmds]
   outs = []
   for p in procs:
