@@ -106,8 +106,8 @@ def _evaluate(workdir, processes, extra):
   else:
     cmds = [args]
   procs = [subprocess.Popen(c, cwd=ROOT, env=subprocess_env(8 // processes),
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for c in cmds]
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for c in cmds]
   outs = []
   for p in procs:
     out, err = p.communicate(timeout=600)

@@ -62,7 +62,7 @@ def _start(cmd, log):
 
 
 def _wait_for_steps(proc, log, count):
-  """Until `count` more step lines are in `log` (a deadline fails the test)."""
+  """Until `log` (freshly written by `proc`) holds `count` step lines; a deadline fails the test."""
   deadline = time.time() + 600
   while log.read_text().count("] step ") < count:
     assert proc.poll() is None, log.read_text()[-3000:]
