@@ -9,8 +9,11 @@ Variants (the part after ':' in --config=configs/clip.py:VARIANT):
            x 12 layers x 12 heads (size a pod slice with `python -m xclip_jax.bench --steps=0`).
 
 Paper-size variants clip no gradients (neither OpenAI's recipe nor open_clip's defaults do) and
-clamp the logit-scale parameter to [0, ln 100] after each update. They read the TFDS dataset named
-in `config.data` (none is bundled: see README).
+clamp the logit-scale parameter to [0, ln 100] after each update. They read the TFDS dataset
+named in `config.data` (none is bundled: see README).
+The demo, a recipe of its own (lr 1e-3 after 50 warmup steps on tiny towers), clips the global
+gradient norm at 1: at 600 steps over seeds 0-5 it reached 30.5% zero-shot top-1 on average
+with clipping (median 33.0) and 28.3% without (median 29.2); see README, Measured.
 Any field can be overridden on the command line: --config.optim.lr=3e-4.
 """
 
@@ -27,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "demo":
     cfglib.apply_demo(config)
+    config.optim.grad_clip_norm = 1.0          # measured: see the module docstring
   elif variant == "vit_l14":
     cfglib.apply_paper_clip(config, patch_size=14)
     config.model.embed_dim = 768

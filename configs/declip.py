@@ -2,7 +2,8 @@
 multi-view InfoNCE (2 views x {caption, EDA caption}) + nearest-neighbour supervision.
 
 Variants (the part after ':' in --config=configs/declip.py:VARIANT):
-  demo     the CLIP demo's towers, data and schedule, plus DeCLIP's heads and augmentations.
+  demo     the CLIP demo's towers, data, schedule and optimiser (gradients clipped at norm 1),
+           plus DeCLIP's heads and augmentations.
   vit_b32  the official YFCC15M ViT-B/32 recipe (yfcc15m_vit_declip/config.yaml): batch 4096,
            AdamW (0.9, 0.98, eps 1e-8), weight decay 0.1, peak lr 1e-3 after 2,500 warmup steps,
            cosine to 0 at 128,001 steps, no gradient clipping, logit-scale parameter clamped to
@@ -10,8 +11,10 @@ Variants (the part after ':' in --config=configs/declip.py:VARIANT):
            the patch embedding frozen at its initialisation (`freeze_conv1`), embed 512,
            ImageNet normalisation, loss weights 0.4 / 0.2 / 0.2 / 0.2, a 65,536-entry text queue.
 
-The demo keeps the CLIP demo's logit-scale range [0, ln 100] and trainable patch embedding, so
-that the two demos differ only in the objective and its views; neither clips gradients.
+The demo keeps the CLIP demo's logit-scale range [0, ln 100], trainable patch embedding and
+gradient clipping, so that the two demos differ only in the objective and its views. (Clipping
+did not change the DeCLIP demo: 300 steps, seeds 0-2, 12.7 / 14.5 / 11.9% zero-shot top-1 with
+it, 13.8 / 14.4 / 12.3% without.)
 
 Ablations are one flag: --config.declip.nns_weight=0 (and likewise simsiam/mlm/clip_weight).
 """
@@ -29,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "demo":
     cfglib.apply_demo(config)
+    config.optim.grad_clip_norm = 1.0          # as the CLIP demo (configs/clip.py)
     config.declip.queue_size = 4096            # 16 steps of 2 x 128 captions
     config.declip.projector_hidden = 256
     config.declip.projector_dim = 256
