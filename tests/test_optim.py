@@ -176,7 +176,7 @@ def test_a_frozen_path_that_matches_nothing_is_an_error():
   assert labels["image"]["pos_embedding"] == param_groups.TRAINABLE
 
 
-def test_recipes_clip_gradients_only_where_their_references_do():
+def test_paper_recipes_clip_gradients_only_where_their_references_do_and_two_demos_clip():
   from configs import declip, nclip, siglip, slip, xclip
   for module, variants in ((clip_config, ("vit_b32", "vit_b16", "vit_l14")),
                            (declip, ("vit_b32",)), (slip, ("demo", "vit_b16")),
